@@ -1,0 +1,236 @@
+"""Configs: defaults (the embedded CPU recipe), loading, CLI overrides and validate().
+
+A recipe is a Python file in `configs/` whose `get_config()` returns a ConfigDict built
+from `default_config()`. The CLI overrides any leaf with `--config.a.b=value`; the value is
+parsed to the type of the default it replaces. `validate()` collects every problem into one
+`ConfigError` whose message names the key, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+from r1jax.model.config import ModelConfig
+
+STAGES = ("pretrain", "sft", "grpo", "rejection_sampling", "reward_model", "pipeline")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message says what, where and how to fix it."""
+
+
+def model_config(config) -> ModelConfig:
+  """The frozen ModelConfig of a run config."""
+  return ModelConfig(**config.model.to_dict())
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a run can set, with the tiny CPU defaults."""
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"
+  c.stages = ""  # for stage=pipeline: comma-separated stage names, run in order
+  c.seed = 0
+  c.workdir = "runs/default"
+
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+
+  # Mesh axes (see r1jax/parallel.py); -1 takes the devices left over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200, batch_size=32, seq_len=64, log_every=10, eval_every=0,
+      checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5))
+
+  c.data = ml_collections.ConfigDict(dict(
+      task="arithmetic", n_train=4096, n_test=256, max_digits=2, path="", test_path=""))
+  return c
+
+
+def load(path: str | None) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a recipe file, or the embedded default when path is None."""
+  if path is None:
+    config = default_config()
+  else:
+    if not os.path.isfile(path):
+      raise ConfigError(f"--config {path}: no such file. Recipes live in configs/ "
+                        f"(e.g. --config configs/default.py).")
+    spec = importlib.util.spec_from_file_location("_r1jax_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # a recipe is user code: report, don't trace back
+      raise ConfigError(f"--config {path}: the file failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"--config {path}: the file defines no get_config() function.")
+    try:
+      config = module.get_config()
+    except AttributeError as e:
+      raise ConfigError(f"--config {path}: get_config() set a key that does not exist: {e}") from e
+    check_keys(config, default_config(), where=path)
+  return config
+
+
+def check_keys(config, reference, where: str, prefix: str = "") -> None:
+  """Raises ConfigError for the first key of `config` that `reference` lacks."""
+  for key, value in config.items():
+    name = prefix + key
+    if key not in reference:
+      raise ConfigError(f"{where}: unknown key {name!r}.{_suggest(key, reference.keys())}")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+      check_keys(value, reference[key], where, prefix=name + ".")
+
+
+def _suggest(key, candidates) -> str:
+  close = difflib.get_close_matches(key, list(candidates), n=1)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def apply_overrides(config, overrides: list[str]) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b=value` strings (the `--config.` prefix optional)."""
+  for item in overrides:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in text:
+      raise ConfigError(f"override {item!r}: expected --config.KEY=VALUE")
+    dotted, raw = text.split("=", 1)
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        here = ".".join(parts[:i]) or "the config"
+        keys = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"override {item!r}: {here} has no key {part!r}.{_suggest(part, keys)}")
+      if i < len(parts) - 1:
+        node = node[part]
+    leaf = parts[-1]
+    old = node[leaf]
+    try:
+      value = _parse_like(raw, old)
+    except ValueError as e:
+      raise ConfigError(f"override {item!r}: {e}") from None
+    with node.unlocked():
+      node[leaf] = value
+  return config
+
+
+def _parse_like(raw: str, old):
+  """Parses `raw` to the type of `old` (bool/int/float/str/tuple)."""
+  if isinstance(old, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"{raw!r} is not a bool (use true or false)")
+  if isinstance(old, int):
+    try:
+      return int(raw)
+    except ValueError:
+      raise ValueError(f"{raw!r} is not an integer") from None
+  if isinstance(old, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise ValueError(f"{raw!r} is not a number") from None
+  if isinstance(old, (tuple, list)):
+    try:
+      return tuple(ast.literal_eval(raw))
+    except (ValueError, SyntaxError, TypeError):
+      raise ValueError(f"{raw!r} is not a tuple literal such as (1, 2)") from None
+  if old is None or isinstance(old, str):
+    return raw
+  raise ValueError(f"cannot override a value of type {type(old).__name__}")
+
+
+def validate(config, n_devices: int | None = None) -> None:
+  """Raises one ConfigError listing every problem in `config`."""
+  problems = []
+  reference = default_config()
+  for key in reference.keys():
+    if key not in config:
+      problems.append(f"missing section or key {key!r}: start recipes from r1jax.config.default_config()")
+  for key, value in _flat(config):
+    if key in _flat_dict(reference):
+      ref = _flat_dict(reference)[key]
+      if ref is not None and not _type_ok(value, ref):
+        problems.append(f"{key}={value!r} has type {type(value).__name__}, expected {type(ref).__name__}")
+  if problems:
+    raise ConfigError(_join(problems))
+
+  if config.stage not in STAGES:
+    problems.append(f"stage={config.stage!r}: choose one of {STAGES}")
+  if config.stage == "pipeline":
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    if not names:
+      problems.append("stage='pipeline' needs stages, e.g. --config.stages=pretrain,grpo")
+    for s in names:
+      if s not in STAGES or s == "pipeline":
+        problems.append(f"stages contains {s!r}: choose from {STAGES[:-1]}")
+  problems += model_config(config).problems()
+
+  mesh = config.mesh
+  sizes = [mesh.data, mesh.fsdp, mesh.expert, mesh.tensor]
+  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    problems.append(f"mesh sizes {dict(mesh)} must be positive, with at most one -1 ('the rest')")
+  elif n_devices is not None:
+    fixed = 1
+    for s in sizes:
+      fixed *= s if s > 0 else 1
+    if (-1 in sizes and n_devices % fixed) or (-1 not in sizes and fixed != n_devices):
+      problems.append(
+          f"mesh data={mesh.data} fsdp={mesh.fsdp} expert={mesh.expert} tensor={mesh.tensor} "
+          f"does not fit the {n_devices} available devices: the product must equal the device count "
+          f"(or divide it, with one axis set to -1)")
+  m = model_config(config)
+  if m.is_moe and mesh.expert > 0 and m.n_experts % mesh.expert:
+    problems.append(f"model.n_experts={m.n_experts} must be divisible by mesh.expert={mesh.expert}")
+  if m.attention == "gqa" and mesh.tensor > 1 and m.n_kv_heads % mesh.tensor:
+    problems.append(f"model.n_kv_heads={m.n_kv_heads} must be divisible by mesh.tensor={mesh.tensor}")
+
+  t = config.train
+  for name in ("steps", "batch_size", "seq_len"):
+    if t[name] <= 0:
+      problems.append(f"train.{name}={t[name]} must be positive")
+  if config.optim.lr <= 0:
+    problems.append(f"optim.lr={config.optim.lr} must be positive")
+  if config.optim.schedule not in ("cosine", "constant", "linear"):
+    problems.append(f"optim.schedule={config.optim.schedule!r}: choose cosine, constant or linear")
+  if problems:
+    raise ConfigError(_join(problems))
+
+
+def _type_ok(value, ref) -> bool:
+  if isinstance(ref, bool):
+    return isinstance(value, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(ref, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(ref, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(ref))
+
+
+def _flat(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat(value, prefix + key + ".")
+    else:
+      yield prefix + key, value
+
+
+def _flat_dict(config):
+  return dict(_flat(config))
+
+
+def _join(problems: list[str]) -> str:
+  if len(problems) == 1:
+    return "invalid config: " + problems[0]
+  return "invalid config:\n" + "\n".join(f"  - {p}" for p in problems)
