@@ -1,0 +1,155 @@
+"""The decoder: embeddings, pre-norm blocks (attention + MLP or MoE), final norm, LM head.
+
+One class covers DeepSeek-V3 (MLA + DeepSeekMoE, first layers dense, optional MTP head),
+Qwen2/2.5, Llama-3, Qwen3 and Qwen3-MoE; the differences are ModelConfig values.
+
+Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_moe MoE layers):
+  logits_btv, aux = model(tokens_bt, positions_bt=None, segment_ids_bt=None,
+                          cache=None, forced_experts=None)
+  segment_ids_bt: 0 marks padding; packed rows use 1, 2, ... per example, and attention
+    never crosses a segment boundary.
+  aux["experts"]: [L_moe, B, T, k] chosen experts (for routing replay), or None.
+  aux["cache"]:   the updated cache when one was passed.
+  aux["mtp_logits"]: [D_mtp, B, T, V]; depth j at position i predicts token i + j + 2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.model.attention import make_attention
+from r1jax.model.config import ModelConfig
+from r1jax.model.layers import MLP, RMSNorm, dtype_of, param
+from r1jax.model.moe import MoE
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.attn = make_attention(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.is_moe = cfg.layer_is_moe(layer)
+    self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs)
+
+  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, forced_experts_btk=None):
+    h, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache)
+    x_btd = x_btd + h
+    experts = None
+    if self.is_moe:
+      h, experts = self.ffn(self.ffn_norm(x_btd), forced_experts_btk)
+    else:
+      h = self.ffn(self.ffn_norm(x_btd))
+    return x_btd + h, cache, experts
+
+
+class MTPModule(nnx.Module):
+  """One multi-token-prediction depth (DeepSeek-V3 eq. 21-23): combine the previous
+  depth's hidden state with the embedding of the next token, run one block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.hidden_norm = RMSNorm(d, cfg.norm_eps, rngs)
+    self.embed_norm = RMSNorm(d, cfg.norm_eps, rngs)
+    self.proj = param(rngs, (2 * d, d), (None, "embed"), cfg.init_std)
+    self.block = Block(cfg, cfg.n_layers, rngs)
+    self.final_norm = RMSNorm(d, cfg.norm_eps, rngs)
+
+
+class Transformer(nnx.Module):
+  """The decoder-only language model."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+    self.mtp = nnx.List([MTPModule(cfg, rngs) for _ in range(cfg.mtp_depth)])
+
+  @property
+  def moe_layers(self) -> list[int]:
+    return [i for i in range(self.cfg.n_layers) if self.cfg.layer_is_moe(i)]
+
+  def head(self, x_btd):
+    """fp32 logits: the log-probs that enter GRPO ratios and KL must be fp32."""
+    w = self.embed.value.T if self.cfg.tie_embeddings else self.lm_head.value
+    dt = dtype_of(self.cfg.dtype)
+    return jnp.einsum("btd,dv->btv", x_btd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
+               forced_experts=None, mtp=None):
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    x = jnp.take(self.embed.value, tokens_bt, axis=0).astype(dt)
+
+    if cache is None:
+      mask = attention_mask(positions_bt, segment_ids_bt)
+    else:
+      rows = jnp.arange(b)[:, None]
+      valid = cache["valid"].at[rows, positions_bt].set(segment_ids_bt > 0, mode="drop")
+      slots = jnp.arange(valid.shape[1])
+      mask = valid[:, None, :] & (slots[None, None, :] <= positions_bt[:, :, None])
+      new_layers = []
+
+    experts, moe_i = [], 0
+    for i, block in enumerate(self.layers):
+      forced = None
+      if forced_experts is not None and block.is_moe:
+        forced = forced_experts[moe_i]
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, layer_cache, chosen = block(x, positions_bt, mask, layer_cache, forced)
+      if cache is not None:
+        new_layers.append(layer_cache)
+      if chosen is not None:
+        experts.append(chosen)
+        moe_i += 1
+
+    aux = dict(experts=jnp.stack(experts) if experts else None)
+    if cache is not None:
+      aux["cache"] = dict(valid=valid, layers=tuple(new_layers))
+    logits = self.head(self.final_norm(x))
+    if cfg.mtp_depth and mtp is not False and cache is None:
+      aux["mtp_logits"] = self._mtp(x, tokens_bt, positions_bt, mask)
+    return logits, aux
+
+  def _mtp(self, h_btd, tokens_bt, positions_bt, mask):
+    """Depth j combines h (position i) with the embedding of token i + j + 1."""
+    dt = dtype_of(self.cfg.dtype)
+    out = []
+    for j, module in enumerate(self.mtp):
+      next_tokens = jnp.roll(tokens_bt, -(j + 1), axis=1)  # wrapped tail is masked by the loss
+      e = jnp.take(self.embed.value, next_tokens, axis=0).astype(dt)
+      z = jnp.concatenate([module.hidden_norm(h_btd), module.embed_norm(e)], axis=-1)
+      h_btd = jnp.einsum("btc,cd->btd", z, module.proj.value.astype(dt))
+      h_btd, _, _ = module.block(h_btd, positions_bt, mask)
+      out.append(self.head(module.final_norm(h_btd)))
+    return jnp.stack(out)
+
+  def init_cache(self, batch: int, length: int):
+    """An empty cache of `length` slots per row (slot s holds position s)."""
+    dt = dtype_of(self.cfg.dtype)
+    return dict(valid=jnp.zeros((batch, length), bool),
+                layers=tuple(block.attn.init_cache(batch, length, dt) for block in self.layers))
+
+
+def attention_mask(positions_bt, segment_ids_bt):
+  """[B, T, T]: same segment, not padding, and causal by position."""
+  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  real = segment_ids_bt[:, None, :] > 0
+  causal = positions_bt[:, None, :] <= positions_bt[:, :, None]
+  return same & real & causal
+
+
+def token_logprobs(logits_btv, targets_bt):
+  """log p(target) in fp32 [B, T]."""
+  logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
