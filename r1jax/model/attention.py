@@ -55,11 +55,11 @@ class GQAttention(nnx.Module):
 
   def __call__(self, x_btd, positions_bt, mask_bts, cache=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq.value.astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk.value.astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv.value.astype(dt))
+    q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv[...].astype(dt))
     if cfg.qkv_bias:
-      q, k, v = q + self.bq.value.astype(dt), k + self.bk.value.astype(dt), v + self.bv.value.astype(dt)
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions_bt, *rope_inv_freq(cfg), interleaved=False)
@@ -73,7 +73,7 @@ class GQAttention(nnx.Module):
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v).reshape(b, t, h, dh)
-    return jnp.einsum("bthk,hkd->btd", out, self.wo.value.astype(dt)), cache
+    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), cache
 
   def init_cache(self, batch: int, length: int, dtype):
     shape = (batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
@@ -103,17 +103,17 @@ class MLAttention(nnx.Module):
   def _queries(self, x_btd, positions_bt, dt):
     cfg = self.cfg
     if cfg.q_lora_rank:
-      q_lat = self.q_norm(jnp.einsum("btd,dr->btr", x_btd, self.wq_a.value.astype(dt)))
-      q = jnp.einsum("btr,rhk->bthk", q_lat, self.wq_b.value.astype(dt))
+      q_lat = self.q_norm(jnp.einsum("btd,dr->btr", x_btd, self.wq_a[...].astype(dt)))
+      q = jnp.einsum("btr,rhk->bthk", q_lat, self.wq_b[...].astype(dt))
     else:
-      q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq.value.astype(dt))
+      q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
     q_nope, q_rope = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
     q_rope = apply_rope(q_rope, positions_bt, *rope_inv_freq(cfg), cfg.rope_interleave)
     return q_nope, q_rope
 
   def _latents(self, x_btd, positions_bt, dt):
     cfg = self.cfg
-    kv = jnp.einsum("btd,dr->btr", x_btd, self.wkv_a.value.astype(dt))
+    kv = jnp.einsum("btd,dr->btr", x_btd, self.wkv_a[...].astype(dt))
     c_kv = self.kv_norm(kv[..., :cfg.kv_lora_rank])
     k_rope = kv[..., cfg.kv_lora_rank:][:, :, None, :]  # one RoPE key shared by all heads
     k_rope = apply_rope(k_rope, positions_bt, *rope_inv_freq(cfg), cfg.rope_interleave)
@@ -125,8 +125,8 @@ class MLAttention(nnx.Module):
     scale = softmax_scale(cfg)
     q_nope, q_rope = self._queries(x_btd, positions_bt, dt)
     c_kv, k_rope = self._latents(x_btd, positions_bt, dt)
-    w_uk = self.wkv_b.value[..., :dn].astype(dt)  # [R, H, dn]
-    w_uv = self.wkv_b.value[..., dn:].astype(dt)  # [R, H, dv]
+    w_uk = self.wkv_b[...][..., :dn].astype(dt)  # [R, H, dn]
+    w_uv = self.wkv_b[...][..., dn:].astype(dt)  # [R, H, dv]
     if cache is None:
       # Training / full forward: expand the latent into per-head keys and values.
       k_nope = jnp.einsum("bsr,rhk->bshk", c_kv, w_uk)
@@ -146,7 +146,7 @@ class MLAttention(nnx.Module):
       probs = masked_softmax(scores * scale, mask_bts[:, None])
       o_lat = jnp.einsum("bhts,bsr->bthr", probs.astype(dt), c_all)
       out = jnp.einsum("bthr,rhk->bthk", o_lat, w_uv)
-    return jnp.einsum("bthk,hkd->btd", out, self.wo.value.astype(dt)), cache
+    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), cache
 
   def init_cache(self, batch: int, length: int, dtype):
     cfg = self.cfg

@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (self.scale.value * x32.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    return (self.scale[...] * x32.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
 # --- Rotary position embeddings ------------------------------------------------------
@@ -137,7 +137,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_btd):
     dt = self.dtype
-    gate = jnp.einsum("...d,df->...f", x_btd, self.w_gate.value.astype(dt))
-    up = jnp.einsum("...d,df->...f", x_btd, self.w_up.value.astype(dt))
+    gate = jnp.einsum("...d,df->...f", x_btd, self.w_gate[...].astype(dt))
+    up = jnp.einsum("...d,df->...f", x_btd, self.w_up[...].astype(dt))
     h = activation(self.act)(gate) * up
-    return jnp.einsum("...f,fd->...d", h, self.w_down.value.astype(dt))
+    return jnp.einsum("...f,fd->...d", h, self.w_down[...].astype(dt))

@@ -106,13 +106,13 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     b, t, d = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
-    logits = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), self.router.value.astype(jnp.float32))
+    logits = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), self.router[...].astype(jnp.float32))
     forced = None if forced_experts_btk is None else forced_experts_btk.reshape(b * t, -1)
     weights, experts = route(
-        logits, self.bias.value, top_k=cfg.top_k, router=cfg.router, n_group=cfg.n_group,
+        logits, self.bias[...], top_k=cfg.top_k, router=cfg.router, n_group=cfg.n_group,
         topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
         routed_scaling_factor=cfg.routed_scaling_factor, forced_experts_nk=forced)
-    ws = [w.value.astype(dt) for w in (self.w_gate, self.w_up, self.w_down)]
+    ws = [w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)]
     act = activation(cfg.hidden_act)
     if cfg.moe_impl == "dense":
       y = dispatch_dense(x_nd, weights, experts, *ws, act)

@@ -77,7 +77,7 @@ class Transformer(nnx.Module):
 
   def head(self, x_btd):
     """fp32 logits: the log-probs that enter GRPO ratios and KL must be fp32."""
-    w = self.embed.value.T if self.cfg.tie_embeddings else self.lm_head.value
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     dt = dtype_of(self.cfg.dtype)
     return jnp.einsum("btd,dv->btv", x_btd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
@@ -89,7 +89,7 @@ class Transformer(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
-    x = jnp.take(self.embed.value, tokens_bt, axis=0).astype(dt)
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
 
     if cache is None:
       mask = attention_mask(positions_bt, segment_ids_bt)
@@ -127,9 +127,9 @@ class Transformer(nnx.Module):
     out = []
     for j, module in enumerate(self.mtp):
       next_tokens = jnp.roll(tokens_bt, -(j + 1), axis=1)  # wrapped tail is masked by the loss
-      e = jnp.take(self.embed.value, next_tokens, axis=0).astype(dt)
+      e = jnp.take(self.embed[...], next_tokens, axis=0).astype(dt)
       z = jnp.concatenate([module.hidden_norm(h_btd), module.embed_norm(e)], axis=-1)
-      h_btd = jnp.einsum("btc,cd->btd", z, module.proj.value.astype(dt))
+      h_btd = jnp.einsum("btc,cd->btd", z, module.proj[...].astype(dt))
       h_btd, _, _ = module.block(h_btd, positions_bt, mask)
       out.append(self.head(module.final_norm(h_btd)))
     return jnp.stack(out)

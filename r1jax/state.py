@@ -1,0 +1,91 @@
+"""The training state pytree and the pieces every step shares.
+
+A step is a pure function `step(state, batch) -> (state, metrics)`: the model's graph
+definition is static (closed over), everything that changes is in `TrainState`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from r1jax import parallel
+from r1jax.model.config import ModelConfig
+from r1jax.model.transformer import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar
+  params: Any  # nnx.State of nnx.Param: what the optimizer updates
+  other: Any  # nnx.State of the rest (the MoE balancing biases)
+  opt_state: Any
+  nonfinite_run: jax.Array  # consecutive skipped (non-finite) updates
+
+
+def split_model(model: Transformer):
+  """(graphdef, params, other): trainable params apart from non-gradient variables."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def merge(graphdef, params, other) -> Transformer:
+  return nnx.merge(graphdef, params, other)
+
+
+def create_model(cfg: ModelConfig, seed: int, mesh=None, rules=parallel.TRAIN_RULES) -> Transformer:
+  make = lambda: Transformer(cfg, nnx.Rngs(seed))
+  if mesh is None:
+    return make()
+  return parallel.create_sharded_model(make, mesh, rules)
+
+
+def create_state(model: Transformer, tx: optax.GradientTransformation):
+  """(graphdef, TrainState). Optimizer state is created with the params' shardings
+  (jit follows the input shardings of zeros_like-style initialisers)."""
+  graphdef, params, other = split_model(model)
+  opt_state = jax.jit(tx.init)(params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, other=other,
+                     opt_state=opt_state, nonfinite_run=jnp.zeros((), jnp.int32))
+  return graphdef, state
+
+
+def apply_gradients(state: TrainState, grads, tx, loss):
+  """Optimizer update, skipped (params and moments unchanged) when loss or any gradient
+  is not finite; the run loop stops after too many consecutive skips."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+  return state, dict(grad_norm=optax.tree.norm(safe_grads), skipped=(~finite).astype(jnp.float32))
+
+
+def update_router_bias(graphdef, params, other, experts_lbtk, mask_bt, rate: float):
+  """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): after the update, lower the bias
+  of overloaded experts and raise it for underloaded ones by `rate` (gamma).
+  Returns (other, metrics)."""
+  if experts_lbtk is None:
+    return other, {}
+  model = merge(graphdef, params, other)
+  weights = jnp.broadcast_to(mask_bt[None, ..., None], experts_lbtk.shape).astype(jnp.float32)
+  onehot = jax.nn.one_hot(experts_lbtk, model.cfg.n_experts, dtype=jnp.float32) * weights[..., None]
+  load_le = onehot.sum(axis=(1, 2, 3))
+  imbalance = load_le.max(-1) / jnp.maximum(load_le.mean(-1), 1e-9)
+  if rate:
+    delta_le = rate * jnp.sign(load_le.mean(-1, keepdims=True) - load_le)
+    for i, layer in enumerate(model.moe_layers):
+      bias = model.layers[layer].ffn.bias
+      bias[...] = bias[...] + delta_le[i]
+  _, _, other = split_model(model)
+  return other, dict(expert_max_over_mean=imbalance.mean())
