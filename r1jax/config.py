@@ -37,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages = ""  # for stage=pipeline: comma-separated stage names, run in order
   c.seed = 0
   c.workdir = "runs/default"
+  # Pipeline stages' own overrides: per_stage.<stage> = "key=value,key=value".
+  c.per_stage = ml_collections.ConfigDict(dict(pretrain="", sft="", grpo="", rejection_sampling="",
+                                               reward_model=""))
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
@@ -49,10 +52,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=200, batch_size=32, seq_len=64, log_every=10, eval_every=0,
-      checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5))
+      checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5,
+      mtp_weight=0.3, bias_update_rate=0.001))
 
   c.data = ml_collections.ConfigDict(dict(
-      task="arithmetic", n_train=4096, n_test=256, max_digits=2, path="", test_path=""))
+      task="arithmetic", n_train=4096, n_test=256, max_digits=2, path="", test_path="",
+      tokenizer="char", tokenizer_path="", template="short"))
   return c
 
 

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from r1jax import state as state_lib
 from r1jax.model.transformer import token_logprobs
@@ -67,3 +68,68 @@ def make_step(graphdef, tx, mtp_weight: float = 0.0, bias_rate: float = 0.0):
 def eval_loss(graphdef, params, other, batch):
   model = state_lib.merge(graphdef, params, other)
   return lm_loss(model, batch)[0]
+
+
+# --- The stage loop ---------------------------------------------------------------------
+
+
+def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only: bool):
+  """[B, T] arrays for lm_loss: prompt + <think>trace</think><answer>answer</answer> + EOS."""
+  from r1jax.data import templates  # pylint: disable=import-outside-toplevel
+  batch = templates.sft_batch(examples, tokenizer, seq_len, template)
+  if not completion_only:  # pretraining: every real token is a target
+    batch["loss_mask"] = batch["segment_ids"].copy()
+  b, t = batch["tokens"].shape
+  batch["positions"] = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+  return batch
+
+
+def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> dict:
+  """Runs a next-token stage (`pretrain` or `sft`) to config.train.steps; resumable."""
+  from r1jax import optim, session  # pylint: disable=import-outside-toplevel
+  from r1jax.data import sources  # pylint: disable=import-outside-toplevel
+  from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
+
+  steps = config.train.steps
+  tx = optim.make_optimizer(config.optim, steps)
+  st = session.open_stage(config, stage_name, workdir, tx, init_from)
+  train = session.load_examples(config, "train")
+  test = session.load_examples(config, "test")
+  missing = sum("trace" not in row for row in train)
+  if missing:
+    raise session.DataError(f"{missing} of {len(train)} training rows have no 'solution' "
+                            f"(reasoning trace) field, which {stage_name} trains on")
+  it = sources.make_iterator(sources.from_records(train), config.train.batch_size, seed=config.seed)
+  if st.data_state:
+    it.set_state(st.data_state)
+  completion_only = stage_name != "pretrain"
+  template = config.data.template
+  batch_fn = lambda ex: make_batch(ex, st.tokenizer, config.train.seq_len, template, completion_only)
+  eval_batch = session.put_batch(st.mesh, batch_fn(test[:config.train.batch_size]))
+
+  shardings = session.state_shardings(st.state)
+  step_fn = jax.jit(make_step(st.graphdef, tx, config.train.mtp_weight, config.train.bias_update_rate),
+                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  log = MetricsLog(workdir, steps, stage_name)
+  eval_before = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
+  first_loss = last = None
+  for step in range(st.start_step, steps):
+    batch = session.put_batch(st.mesh, batch_fn(next(it)))
+    st.state, metrics = step_fn(st.state, batch)
+    if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:
+      raise FloatingPointError(
+          f"[{stage_name}] {int(st.state.nonfinite_run)} consecutive non-finite steps at step "
+          f"{step + 1}; stopped. The last good checkpoint in {workdir} is intact. Lower optim.lr "
+          f"or check the data.")
+    if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+      row = log.write(step + 1, metrics, show=("loss", "grad_norm"))
+      first_loss = row["loss"] if first_loss is None else first_loss
+      last = row["loss"]
+    if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
+      st.save(step + 1, it.get_state())
+  log.close()
+  eval_after = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
+  summary = dict(stage=stage_name, steps=steps, first_logged_loss=first_loss, final_loss=last,
+                 heldout_nll_before=eval_before, heldout_nll_after=eval_after)
+  print(f"[{stage_name}] held-out loss {eval_before:.3f} -> {eval_after:.3f}", flush=True)
+  return summary
