@@ -17,6 +17,7 @@ import os
 import ml_collections
 
 from r1jax.model.config import ModelConfig
+from r1jax.rl import grpo
 
 STAGES = ("pretrain", "sft", "grpo", "rejection_sampling", "reward_model", "pipeline")
 
@@ -58,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       task="arithmetic", n_train=4096, n_test=256, max_digits=2, path="", test_path="",
       tokenizer="char", tokenizer_path="", template="short"))
+
+  c.rl = grpo.default_rl_config()
+  # Held-out evaluation: n test examples, k samples each (temperature 0: greedy, k = 1).
+  c.eval = ml_collections.ConfigDict(dict(n=256, k=1, temperature=0.0, every=0))
   return c
 
 
@@ -199,6 +204,10 @@ def validate(config, n_devices: int | None = None) -> None:
   if m.attention == "gqa" and mesh.tensor > 1 and m.n_kv_heads % mesh.tensor:
     problems.append(f"model.n_kv_heads={m.n_kv_heads} must be divisible by mesh.tensor={mesh.tensor}")
 
+  problems += grpo.validate_rl(config.rl)
+  if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
+    problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
+                    f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")
   t = config.train
   for name in ("steps", "batch_size", "seq_len"):
     if t[name] <= 0:

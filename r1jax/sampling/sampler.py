@@ -55,7 +55,7 @@ def _stop_table(stop_sequences):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "params"))
 def _generate(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, group_size, params):
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
   b, tp = prompt_ids_bt.shape
   n, g = params.max_new_tokens, group_size
   cache_len = tp + n

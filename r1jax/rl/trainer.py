@@ -1,0 +1,229 @@
+"""The GRPO stage: rollouts -> rewards -> advantages -> jitted policy update.
+
+One step (DeepSeek-R1 sec. 2.2; DeepSeekMath eq. 3):
+  1. B questions, G samples each from the current policy (r1jax.sampling), with the
+     sampler's log-probs as pi_old and, for MoE, the experts it chose.
+  2. Rule rewards on the host (r1jax.rl.rewards), group-relative advantages.
+  3. pi_ref log-probs when beta > 0 (no reference forward at all when beta = 0).
+  4. `mu` passes over the batch in `minibatches` optimizer steps (one jitted function).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import checkpoint, optim, session
+from r1jax import state as state_lib
+from r1jax.data import sources, templates
+from r1jax.eval import completions_of, evaluate, stop_params
+from r1jax.model.transformer import token_logprobs
+from r1jax.rl import grpo, rewards
+from r1jax.runlog import MetricsLog
+from r1jax.sampling.sampler import generate
+
+
+def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
+  """Prompt + completion rows [B*G, Tp + N] for the trainer's forward."""
+  ids = np.repeat(prompt_ids, group_size, axis=0)
+  pmask = np.repeat(prompt_mask, group_size, axis=0)
+  tokens = np.concatenate([ids, np.asarray(out["tokens"])], axis=1)
+  seg = np.concatenate([pmask, np.asarray(out["mask"])], axis=1).astype(np.int32)
+  positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+  batch = dict(tokens=tokens.astype(np.int32), segment_ids=seg, positions=positions,
+               completion_mask=np.asarray(out["mask"], np.int32),
+               old_logp=np.asarray(out["logprobs"], np.float32))
+  if out.get("experts") is not None:
+    batch["experts"] = np.concatenate(
+        [np.asarray(out["prompt_experts"]), np.asarray(out["experts"])], axis=2)
+  return batch
+
+
+def completion_logprobs(graphdef, params, other, batch, prompt_len: int, temperature: float,
+                        replay: bool, with_entropy: bool = False):
+  """log pi(completion token) [B, N] at the sampling temperature (fp32)."""
+  model = state_lib.merge(graphdef, params, other)
+  forced = batch.get("experts") if replay else None
+  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced)
+  logits = logits[:, prompt_len - 1:-1] / temperature
+  logp = token_logprobs(logits, batch["tokens"][:, prompt_len:])
+  if not with_entropy:
+    return logp
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
+  return logp, entropy
+
+
+def make_update(graphdef, tx, rl, prompt_len: int):
+  """(state, batch) -> (state, metrics): mu passes x minibatches optimizer steps."""
+  n_mb = rl.minibatches
+
+  def loss_fn(params, other, mb):
+    logp, entropy = completion_logprobs(graphdef, params, other, mb, prompt_len, rl.temperature,
+                                        rl.routing_replay, with_entropy=True)
+    loss, metrics = grpo.policy_loss(
+        logp, mb["old_logp"], mb["adv"], mb["completion_mask"], eps_low=rl.eps_low,
+        eps_high=rl.eps_high, dual_clip_c=rl.dual_clip or None, ratio_level=rl.ratio_level,
+        ref_logp_bt=mb.get("ref_logp"), beta=rl.beta, kl_kind=rl.kl_kind,
+        aggregation=rl.aggregation, max_len=rl.max_new_tokens)
+    valid = mb["completion_mask"] > 0
+    metrics["entropy"] = jnp.where(valid, entropy, 0).sum() / jnp.maximum(valid.sum(), 1)
+    return loss, metrics
+
+  def one_minibatch(state, mb):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.other, mb)
+    state, opt_metrics = state_lib.apply_gradients(state, grads, tx, loss)
+    return state, dict(metrics, **opt_metrics)
+
+  def update(state, batch):
+    split = jax.tree.map(lambda x: x.reshape((n_mb, x.shape[0] // n_mb) + x.shape[1:]), batch)
+    metrics = None
+    for _ in range(rl.mu):
+      state, metrics = jax.lax.scan(one_minibatch, state, split)
+    return state, jax.tree.map(lambda m: m[0], metrics)  # the first minibatch of the last pass
+
+  return update
+
+
+def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
+  """Samples G completions per example and scores them; host-side numpy results."""
+  prompts = [e["prompt"] for e in examples]
+  ids, mask = templates.encode_prompts(prompts, tok, prompt_len, st.config.data.template)
+  params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
+  params = type(params)(**{**params.__dict__, "top_k": rl.top_k})
+  out = generate(st.graphdef, (st.state.params, st.state.other), prompt_ids_bt=ids,
+                 prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params)
+  out = jax.device_get(out)
+  texts = completions_of(tok, out)
+  g = rl.group_size
+  rep_prompts = [p for p in prompts for _ in range(g)]
+  rep_examples = [e for e in examples for _ in range(g)]
+  total, per_fn, stats = rewards.compute_rewards(
+      weights, fns, rep_prompts, texts, example=rep_examples,
+      answer=[str(e.get("answer", "")) for e in rep_examples])
+  total = np.asarray(total, np.float32)
+  lengths = np.asarray(out["mask"]).sum(-1)
+  if rl.overlong_buffer:
+    total = total + np.asarray(grpo.overlong_penalty(
+        lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
+  return dict(ids=ids, mask=mask, out=out, texts=texts, rewards=total.reshape(-1, g),
+              per_fn=per_fn, stats=stats, lengths=lengths)
+
+
+def run(config, workdir: str, init_from: str | None = None) -> dict:
+  """Runs GRPO for config.train.steps steps; resumable; returns the stage summary."""
+  rl, steps = config.rl, config.train.steps
+  prompt_len = config.train.seq_len - rl.max_new_tokens
+  rewards.configure(timeout_s=rl.reward_timeout, n_workers=rl.reward_workers)
+  weights, fns = rewards.resolve(rl.reward_weights)
+  tx = optim.make_optimizer(config.optim, steps)
+  st = session.open_stage(config, "grpo", workdir, tx, init_from)
+  tok = st.tokenizer
+  train = session.load_examples(config, "train")
+  test = session.load_examples(config, "test")[:config.eval.n]
+  n_questions = config.train.batch_size
+  n_sampled = math.ceil(rl.oversample * n_questions) if rl.dynamic_sampling else n_questions
+  it = sources.make_iterator(sources.from_records(train), n_sampled, seed=config.seed)
+  if st.data_state:
+    it.set_state(st.data_state["iterator"])
+
+  # The reference policy: a frozen copy, refreshed every rl.ref_refresh_every steps.
+  ref = None
+  if rl.beta > 0:
+    ref = jax.tree.map(jnp.copy, st.state.params)
+    if st.data_state.get("has_ref"):
+      ref = checkpoint.restore_params(os.path.join(workdir, "reference"), ref)
+
+  def eval_now():
+    return evaluate(st.graphdef, (st.state.params, st.state.other), tok, test,
+                    template=config.data.template, prompt_len=prompt_len,
+                    max_new_tokens=rl.max_new_tokens, k=config.eval.k,
+                    temperature=config.eval.temperature, seed=config.seed)
+
+  base_eval = st.data_state.get("base_eval") or eval_now()
+  print(f"[grpo] base model: pass@1={base_eval['pass@1']:.3f} format={base_eval['format']:.3f}",
+        flush=True)
+  shardings = session.state_shardings(st.state)
+  update = jax.jit(make_update(st.graphdef, tx, rl, prompt_len),
+                   in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  ref_logp_fn = jax.jit(lambda p, o, b: completion_logprobs(
+      st.graphdef, p, o, b, prompt_len, rl.temperature, rl.routing_replay))
+  log = MetricsLog(workdir, steps, "grpo")
+  key = jax.random.key(config.seed)
+  for step in range(st.start_step, steps):
+    t0 = time.time()
+    examples = next(it)
+    ro = rollout(st, rl, tok, examples, jax.random.fold_in(key, step), prompt_len, weights, fns)
+    t_rollout = time.time() - t0
+    r_bg = ro["rewards"]
+    keep = np.arange(len(examples))
+    n_filled = 0
+    if rl.dynamic_sampling:
+      keep, n_filled = grpo.select_groups(r_bg, n_questions)
+      keep = np.asarray(keep)
+    rows = (keep[:, None] * rl.group_size + np.arange(rl.group_size)[None]).reshape(-1)
+    batch = _select_rows(ro, keep, rows, rl.group_size)
+    adv = np.asarray(grpo.group_advantages(jnp.asarray(r_bg[keep]), rl.adv_mode)).reshape(-1)
+    batch["adv"] = adv.astype(np.float32)
+    t1 = time.time()
+    if ref is not None:
+      batch["ref_logp"] = np.asarray(ref_logp_fn(ref, st.state.other, batch))
+    t_ref = time.time() - t1
+    t2 = time.time()
+    st.state, metrics = update(st.state, session.put_batch(st.mesh, batch))
+    metrics = jax.device_get(metrics)
+    t_update = time.time() - t2
+    if rl.ref_refresh_every and ref is not None and (step + 1) % rl.ref_refresh_every == 0:
+      ref = jax.tree.map(jnp.copy, st.state.params)
+    if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:
+      raise FloatingPointError(
+          f"[grpo] {int(st.state.nonfinite_run)} consecutive non-finite updates at step {step + 1}; "
+          f"stopped. The last good checkpoint in {workdir} is intact.")
+    lengths = ro["lengths"][rows]
+    r_kept = r_bg[keep]
+    n_tokens = int(np.asarray(ro["out"]["mask"]).sum())
+    row = dict(metrics, reward_mean=r_kept.mean(), reward_std=r_kept.std(),
+               accuracy=np.mean(ro["per_fn"].get("accuracy", [0.0])),
+               format=np.mean(ro["per_fn"].get("format", [0.0])),
+               completion_len_mean=lengths.mean(), completion_len_max=lengths.max(),
+               clipped_frac=np.mean(lengths >= rl.max_new_tokens),
+               zero_variance_frac=np.mean(r_bg.std(axis=1) == 0), groups_filled=n_filled,
+               verifier_timeouts=ro["stats"].n_timeouts, verifier_errors=ro["stats"].n_errors,
+               t_rollout=t_rollout, t_ref=t_ref, t_update=t_update,
+               tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
+    if config.eval.every and (step + 1) % config.eval.every == 0:
+      row["eval_pass@1"] = eval_now()["pass@1"]
+    if (step + 1) % config.train.log_every == 0 or step + 1 == steps or "eval_pass@1" in row:
+      log.write(step + 1, row, show=("reward_mean", "accuracy", "completion_len_mean", "kl",
+                                     "eval_pass@1"))
+    if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
+      if ref is not None:
+        _save_reference(workdir, step + 1, ref, st)
+      st.save(step + 1, dict(iterator=it.get_state(), base_eval=base_eval, has_ref=ref is not None))
+  log.close()
+  final_eval = eval_now()
+  print(f"[grpo] pass@1 {base_eval['pass@1']:.3f} -> {final_eval['pass@1']:.3f}", flush=True)
+  return dict(stage="grpo", steps=steps, base_accuracy=base_eval["pass@1"],
+              final_accuracy=final_eval["pass@1"], base_eval=base_eval, final_eval=final_eval)
+
+
+def _select_rows(ro, keep, rows, group_size):
+  out = {k: v for k, v in ro["out"].items()}
+  for name in ("tokens", "mask", "logprobs"):
+    out[name] = np.asarray(out[name])[rows]
+  for name in ("experts", "prompt_experts"):
+    if out.get(name) is not None:
+      out[name] = np.asarray(out[name])[:, rows]
+  return sequence_batch(ro["ids"][keep], ro["mask"][keep], out, group_size)
+
+
+def _save_reference(workdir, step, ref, st):
+  mgr = checkpoint.manager(os.path.join(workdir, "reference"), keep=1)
+  checkpoint.save(mgr, step, state_lib.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=ref, other=st.state.other, opt_state={},
+      nonfinite_run=jnp.zeros((), jnp.int32)), {}, st.meta())
