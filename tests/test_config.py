@@ -91,3 +91,18 @@ def test_cli_bad_input_one_message_nonzero_exit(tmp_path):
   result = _cli("--config", str(tmp_path / "nope.py"), cwd=tmp_path)
   assert result.returncode == 2 and "no such file" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("recipe, billions", [
+    ("r1_zero_deepseek_v3.py", 671.0),  # DeepSeek-V3: 671B total parameters (MTP off)
+    ("r1_zero_qwen2_5_math_1_5b.py", 1.54),  # Qwen2.5-Math-1.5B (tied embeddings)
+])
+def test_pod_recipes_build_abstractly(recipe, billions):
+  import jax
+  from flax import nnx
+  from r1jax.model.transformer import Transformer
+  config = config_lib.load(os.path.join(ROOT, "configs", recipe))
+  config_lib.validate(config)
+  model = nnx.eval_shape(lambda: Transformer(config_lib.model_config(config), nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert abs(n / 1e9 - billions) / billions < 0.01, n
