@@ -20,6 +20,9 @@ from flax import nnx
 from r1jax.model.config import ModelConfig
 from r1jax.model.layers import RMSNorm, apply_rope, dtype_of, param, rope_inv_freq, softmax_scale
 
+# DeepSeek's reference (inference/model.py) and transformers both build MLA's q/kv latent
+# norms with RMSNorm's default eps, whatever rms_norm_eps the config gives the other norms.
+MLA_NORM_EPS = 1e-6
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
 
 
@@ -89,13 +92,13 @@ class MLAttention(nnx.Module):
     self.cfg = cfg
     if cfg.q_lora_rank:
       self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), std)
-      self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, rngs, axis_name="q_lora")
+      self.q_norm = RMSNorm(cfg.q_lora_rank, MLA_NORM_EPS, rngs, axis_name="q_lora")
       self.wq_b = param(rngs, (cfg.q_lora_rank, h, dn + dr), ("q_lora", "heads", "head_dim"), std)
     else:
       self.wq = param(rngs, (d, h, dn + dr), ("embed", "heads", "head_dim"), std)
     # Down-projection to the latent c_kv plus the decoupled RoPE key (shared by all heads).
     self.wkv_a = param(rngs, (d, r + dr), ("embed", "kv_lora"), std)
-    self.kv_norm = RMSNorm(r, cfg.norm_eps, rngs, axis_name="kv_lora")
+    self.kv_norm = RMSNorm(r, MLA_NORM_EPS, rngs, axis_name="kv_lora")
     # Up-projection of the latent to per-head no-RoPE keys and values.
     self.wkv_b = param(rngs, (r, h, dn + dv), ("kv_lora", "heads", "head_dim"), std)
     self.wo = param(rngs, (h, dv, d), ("heads", "head_dim", "embed"), std)
