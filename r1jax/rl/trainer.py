@@ -38,9 +38,9 @@ def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
   batch = dict(tokens=tokens.astype(np.int32), segment_ids=seg, positions=positions,
                completion_mask=np.asarray(out["mask"], np.int32),
                old_logp=np.asarray(out["logprobs"], np.float32))
-  if out.get("experts") is not None:
-    batch["experts"] = np.concatenate(
-        [np.asarray(out["prompt_experts"]), np.asarray(out["experts"])], axis=2)
+  if out.get("experts") is not None:  # stored batch-major [B*G, L, Tp + N, k] so minibatches split axis 0
+    batch["experts"] = np.moveaxis(np.concatenate(
+        [np.asarray(out["prompt_experts"]), np.asarray(out["experts"])], axis=2), 1, 0)
   return batch
 
 
@@ -49,6 +49,8 @@ def completion_logprobs(graphdef, params, other, batch, prompt_len: int, tempera
   """log pi(completion token) [B, N] at the sampling temperature (fp32)."""
   model = state_lib.merge(graphdef, params, other)
   forced = batch.get("experts") if replay else None
+  if forced is not None:
+    forced = jnp.moveaxis(forced, 0, 1)  # [L, B, T, k] as the model takes it
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced)
   logits = logits[:, prompt_len - 1:-1] / temperature
   logp = token_logprobs(logits, batch["tokens"][:, prompt_len:])
