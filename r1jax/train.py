@@ -41,7 +41,7 @@ def parse_args(argv: list[str]):
 
 def run(config) -> dict:
   """Runs the configured stage(s); returns the summary dict (also written to disk)."""
-  from r1jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from r1jax import checkpoint, plots  # pylint: disable=import-outside-toplevel
   names = ([s.strip() for s in config.stages.split(",") if s.strip()]
            if config.stage == "pipeline" else [config.stage])
   start = time.time()
@@ -50,6 +50,7 @@ def run(config) -> dict:
     stage_dir = config.workdir if len(names) == 1 else os.path.join(config.workdir, f"{i}_{name}")
     stage_config = _stage_config(config, name)
     summaries.append(_run_stage(stage_config, name, stage_dir, init_from))
+    summaries[-1]["plots"] = plots.plot_run(stage_dir)
     init_from = os.path.join(stage_dir, "checkpoints")
   summary = dict(stages=summaries, wall_seconds=time.time() - start)
   # The R1-Zero headline: accuracy of the model RL started from, and where RL ended.
@@ -83,6 +84,18 @@ def _run_stage(config, name: str, workdir: str, init_from: str | None) -> dict:
   raise NotImplementedError(f"stage {name!r} is not available yet in this version of r1jax")
 
 
+def print_before_after(summary: dict) -> None:
+  """The R1-Zero headline: the base model RL started from against the final policy."""
+  rl = [s for s in summary["stages"] if "base_eval" in s]
+  if not rl:
+    return
+  base, final = rl[0]["base_eval"], rl[-1]["final_eval"]
+  print(f"\nheld-out ({base['n']} questions, k={base['k']}, temperature {base['temperature']})")
+  print(f"{'':<14}{'base':>8}{'after RL':>10}")
+  for key in [k for k in base if k.startswith(("pass@", "cons@"))] + ["format", "mean_length"]:
+    print(f"{key:<14}{base[key]:>8.3f}{final[key]:>10.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   from r1jax import checkpoint, config as config_lib, session  # pylint: disable=import-outside-toplevel
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  print_before_after(summary)
   print(f"done in {summary['wall_seconds']:.0f}s; summary in {config.workdir}/summary.json")
   return 0
 
