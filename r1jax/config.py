@@ -57,8 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
       mtp_weight=0.3, bias_update_rate=0.001))
 
   c.data = ml_collections.ConfigDict(dict(
-      task="arithmetic", n_train=4096, n_test=256, max_digits=2, path="", test_path="",
-      tokenizer="char", tokenizer_path="", template="short"))
+      task="arithmetic", n_train=4096, n_test=256, max_digits=2, ops="+-", path="", test_path="",
+      tokenizer="char", tokenizer_path="", template="short",
+      # Pretraining only: the share of examples that show the worked trace (the rest
+      # restate the question in <think>); see r1jax.sft.hide_traces.
+      trace_fraction=1.0))
 
   c.rl = grpo.default_rl_config()
   # Held-out evaluation: n test examples, k samples each (temperature 0: greedy, k = 1).

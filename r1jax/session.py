@@ -27,7 +27,7 @@ class DataError(ValueError):
 
 def task_knobs(config) -> dict:
   if config.data.task == "arithmetic":
-    return dict(max_digits=config.data.max_digits)
+    return dict(max_digits=config.data.max_digits, ops=config.data.ops)
   return {}
 
 

@@ -8,6 +8,7 @@ padding; packed rows number their examples 1, 2, ...) and `positions`.
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +74,29 @@ def eval_loss(graphdef, params, other, batch):
 # --- The stage loop ---------------------------------------------------------------------
 
 
-def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only: bool):
+NO_TRACE = "guess"
+
+
+def hide_traces(examples, trace_fraction: float):
+  """Keeps the worked trace in `trace_fraction` of the examples (chosen by a hash of the
+  id, so the choice is fixed across epochs and resumes); the rest skip the work and
+  write only "guess" inside <think>. A base model pretrained on such a corpus often
+  answers without reasoning -- the situation R1-Zero starts from, where RL must find
+  out that reasoning pays (DeepSeek-R1 sec. 2.2.4: accuracy and length grow together)."""
+  if trace_fraction >= 1.0:
+    return examples
+  out = []
+  for e in examples:
+    keep = (zlib.crc32(str(e.get("id", e["prompt"])).encode()) % 10_000) < trace_fraction * 10_000
+    out.append(e if keep else dict(e, trace=NO_TRACE))
+  return out
+
+
+def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only: bool,
+               trace_fraction: float = 1.0):
   """[B, T] arrays for lm_loss: prompt + <think>trace</think><answer>answer</answer> + EOS."""
   from r1jax.data import templates  # pylint: disable=import-outside-toplevel
-  batch = templates.sft_batch(examples, tokenizer, seq_len, template)
+  batch = templates.sft_batch(hide_traces(examples, trace_fraction), tokenizer, seq_len, template)
   if not completion_only:  # pretraining: every real token is a target
     batch["loss_mask"] = batch["segment_ids"].copy()
   b, t = batch["tokens"].shape
@@ -104,7 +124,9 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
     it.set_state(st.data_state)
   completion_only = stage_name != "pretrain"
   template = config.data.template
-  batch_fn = lambda ex: make_batch(ex, st.tokenizer, config.train.seq_len, template, completion_only)
+  trace_fraction = config.data.trace_fraction if stage_name == "pretrain" else 1.0
+  batch_fn = lambda ex: make_batch(ex, st.tokenizer, config.train.seq_len, template, completion_only,
+                                   trace_fraction)
   eval_batch = session.put_batch(st.mesh, batch_fn(test[:config.train.batch_size]))
 
   shardings = session.state_shardings(st.state)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax import parallel
 from r1jax.model.config import ModelConfig
@@ -51,7 +52,19 @@ def create_state(model: Transformer, tx: optax.GradientTransformation):
   opt_state = jax.jit(tx.init)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, other=other,
                      opt_state=opt_state, nonfinite_run=jnp.zeros((), jnp.int32))
-  return graphdef, state
+  return graphdef, replicate_unsharded(state)
+
+
+def replicate_unsharded(tree):
+  """Puts every leaf not already on the params' mesh (step counters, optimizer counts)
+  on it, replicated, so a jitted step sees one device set."""
+  leaves = jax.tree.leaves(tree)
+  mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, NamedSharding)), None)
+  if mesh is None:
+    return tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree)
 
 
 def apply_gradients(state: TrainState, grads, tx, loss):
