@@ -1,4 +1,4 @@
-"""Synthetic tasks with rule-checkable answers: arithmetic, Countdown, linear equations.
+"""Synthetic tasks with rule-checkable answers: arithmetic, Countdown, linear, code.
 
 R1-Zero's reward is rule based (DeepSeek-R1 paper, Section 2.2: "accuracy rewards
 evaluate whether the response is correct" by a deterministic check), which needs tasks
@@ -12,6 +12,11 @@ SFT / cold start; it is written in steps a 2-layer character model can imitate.
 Train and test are disjoint by construction: a hash of the canonical problem (e.g.
 "37+48", or the sorted Countdown numbers with the target) puts every problem in exactly
 one split, whatever the seed, n or difficulty.
+
+'code' examples are function-synthesis problems, f(xs) = AGG(MAP(x) for x in xs if
+PRED(x)), with generated call tests ('tests', 'entry_point': the schema of
+r1jax.rl.code) and a reference solution as 'answer'; they are checked by running the
+answer in the sandbox (r1jax.rl.sandbox), so their verifier is not pure.
 
 CLI:
   python -m r1jax.data.tasks write --task arithmetic --n_train 1000 --n_test 100 --out DIR
@@ -30,7 +35,7 @@ import re
 import sys
 from fractions import Fraction
 
-TASKS = ("arithmetic", "countdown", "linear")
+TASKS = ("arithmetic", "countdown", "linear", "code")
 TEST_FRACTION = 0.1  # share of each task's problem space that belongs to 'test'
 
 DIFFICULTY = {
@@ -40,6 +45,12 @@ DIFFICULTY = {
     "countdown": dict(min_numbers=3, max_numbers=4, max_number=20, max_target=100),
     # a*x + b = c with integer x
     "linear": dict(max_coef=9, max_x=9, max_const=20),
+    # f(xs) = AGG(MAP(x) for x in xs if PRED(x)): aggregations from `aggs`, maps up to
+    # level `maps` (0: x; 1: x*x, 2*x, 3*x, -x; 2: 2*x+1, 3*x-1, abs(x), x*x-x),
+    # predicates x%k==r (k <= max_mod) or x>t / x<t (|t| <= max_threshold); n_tests
+    # lists of up to max_len integers in [-max_value, max_value]
+    "code": dict(aggs="sum,count,max,min", maps=1, max_mod=6, max_threshold=9, n_tests=5,
+                 max_len=6, max_value=9),
 }
 
 
@@ -95,6 +106,8 @@ def difficulty_knobs(task: str, overrides: dict) -> dict:
       problems.append("need 2 <= min_numbers <= max_numbers <= 6")
     if knobs["max_number"] < 2 or knobs["max_target"] < 1:
       problems.append("need max_number >= 2 and max_target >= 1")
+  elif task == "code":
+    problems.extend(_code_knob_problems(knobs))
   else:
     if knobs["max_coef"] < 1 or knobs["max_x"] < 0 or knobs["max_const"] < 0:
       problems.append("need max_coef >= 1, max_x >= 0, max_const >= 0")
@@ -213,8 +226,74 @@ def _sample_linear(rng, max_coef, max_x, max_const):
       "equation": equation}
 
 
+_CODE_AGGS = ("sum", "count", "max", "min")
+_CODE_MAPS = {  # text -> (level, function); the text is the Python the answer uses
+    "x": (0, lambda x: x), "x*x": (1, lambda x: x * x), "2*x": (1, lambda x: 2 * x),
+    "3*x": (1, lambda x: 3 * x), "-x": (1, lambda x: -x), "2*x+1": (2, lambda x: 2 * x + 1),
+    "3*x-1": (2, lambda x: 3 * x - 1), "abs(x)": (2, abs), "x*x-x": (2, lambda x: x * x - x)}
+
+
+def _code_knob_problems(knobs) -> list[str]:
+  problems = []
+  aggs = str(knobs["aggs"]).split(",")
+  if not aggs or set(aggs) - set(_CODE_AGGS):
+    problems.append(f"aggs={knobs['aggs']!r}: a comma-separated subset of {_CODE_AGGS}")
+  if knobs["maps"] not in (0, 1, 2):
+    problems.append("maps must be 0, 1 or 2")
+  if knobs["max_mod"] < 2 or knobs["max_threshold"] < 0 or knobs["max_value"] < 1:
+    problems.append("need max_mod >= 2, max_threshold >= 0, max_value >= 1")
+  if knobs["n_tests"] < 2 or knobs["max_len"] < 2:
+    problems.append("need n_tests >= 2 and max_len >= 2")
+  return problems
+
+
+def _sample_code(rng, aggs, maps, max_mod, max_threshold, n_tests, max_len, max_value):
+  """A function-synthesis problem with call tests; None to redraw (a predicate that no
+  value in range, or every value, satisfies cannot tell solutions apart).
+
+  Prompts stay under 40 characters ("f(xs): max of 3*x for x%4==1 or 0") for the char
+  model; max and min of nothing are 0.
+  """
+  agg = rng.choice(str(aggs).split(","))
+  mapped = "x" if agg == "count" else rng.choice(
+      [text for text, (level, _) in _CODE_MAPS.items() if level <= maps])
+  kind = rng.choice(["mod", "gt", "lt"])
+  if kind == "mod":
+    k = rng.randint(2, max_mod)
+    r = rng.randint(0, k - 1)
+    pred, keep = f"x%{k}=={r}", lambda x: x % k == r
+  else:
+    t = rng.randint(-max_threshold, max_threshold)
+    pred, keep = (f"x>{t}", lambda x: x > t) if kind == "gt" else (f"x<{t}", lambda x: x < t)
+  values = range(-max_value, max_value + 1)
+  hits, misses = [v for v in values if keep(v)], [v for v in values if not keep(v)]
+  if not hits or not misses:
+    return None
+  fn = _CODE_MAPS[mapped][1]
+  tests = []
+  for i in range(n_tests):  # the first list is empty; the others hit and miss the filter
+    xs = [] if i == 0 else [rng.choice(values) for _ in range(rng.randint(0, max_len - 2))]
+    if i:
+      xs += [rng.choice(hits), rng.choice(misses)]
+      rng.shuffle(xs)
+    kept = [fn(x) for x in xs if keep(x)]
+    expected = len(kept) if agg == "count" else ({"sum": sum, "max": max, "min": min}[agg](kept)
+                                                 if kept else 0)
+    tests.append({"args": [xs], "expected": expected})
+  or_zero = " or 0" if agg in ("max", "min") else ""
+  body = {"sum": f"sum({mapped} for x in xs if {pred})",
+          "count": f"sum(1 for x in xs if {pred})",
+          "max": f"max(({mapped} for x in xs if {pred}), default=0)",
+          "min": f"min(({mapped} for x in xs if {pred}), default=0)"}[agg]
+  steps = f"keep {pred}" + ("" if agg == "count" else f", map {mapped}") + f", {agg}"
+  return f"{agg}|{mapped}|{pred}", {
+      "prompt": f"f(xs): {agg} of {mapped} for {pred}{or_zero}",
+      "answer": f"def f(xs):\n  return {body}\n",
+      "trace": steps + (", none->0" if or_zero else ""), "entry_point": "f", "tests": tests}
+
+
 _SAMPLERS = {"arithmetic": _sample_arithmetic, "countdown": _sample_countdown,
-             "linear": _sample_linear}
+             "linear": _sample_linear, "code": _sample_code}
 
 
 # ------------------------------------------------------------------------- verifiers
@@ -322,8 +401,15 @@ def _evaluate(node: ast.AST, used: list[int]) -> Fraction | None:
   return None
 
 
+def verify_code(answer_text: str, example: dict) -> bool:
+  """True when the answer's program passes every test of the example, run in the
+  sandbox (r1jax.rl.code; raises SandboxUnavailable where programs cannot be isolated)."""
+  from r1jax.rl import code
+  return code.check(answer_text, example, scoring="all") == 1.0
+
+
 VERIFIERS = {"arithmetic": verify_arithmetic, "countdown": verify_countdown,
-             "linear": verify_linear}
+             "linear": verify_linear, "code": verify_code}
 
 
 # ---------------------------------------------------------------------------------- CLI

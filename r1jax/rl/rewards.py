@@ -546,9 +546,18 @@ def language_consistency_reward(prompts, completions, language: str = "en", **_)
   return [language_consistency(_reasoning(p, c), language) for p, c in zip(prompts, completions)]
 
 
+def code_reward(prompts, completions, **columns):
+  """Share of the row's test cases the completion's program passes, run in the sandbox
+  (r1jax.rl.code; `scoring='all'` for all-or-nothing). Imported on first use."""
+  from r1jax.rl import code
+  return code.code_reward(prompts, completions, **columns)
+
+
 REWARD_FUNCTIONS = {
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "code": code_reward,
+    "code_all": functools.partial(code_reward, scoring="all"),
     "language": functools.partial(language_consistency_reward, language="en"),
     "language_en": functools.partial(language_consistency_reward, language="en"),
     "language_zh": functools.partial(language_consistency_reward, language="zh"),
