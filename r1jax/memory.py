@@ -1,74 +1,318 @@
-"""`--dry_run`: per-device memory of a config on its mesh, before anything is allocated.
+"""`--dry_run`: per-device memory of a config on its target mesh, before anything is allocated.
 
-Parameter and optimizer bytes come from the model's abstract shapes and the sharding
-rules (exact); KV-cache and activation bytes are estimates from the config's shapes.
+    R1JAX_NUM_DEVICES=1024 R1JAX_DEVICE_MEMORY_GIB=95 \\
+      python -m r1jax.train --config configs/r1_zero_deepseek_v3.py --dry_run
+
+The target is given by the environment, as a dry run plans for a machine it is not on:
+  R1JAX_NUM_DEVICES       devices of the target (one per TPU chip on v4 / v5p / v5e / v6e,
+                          one per GPU). Default: the product of the mesh sizes when none is
+                          -1, else the devices of this machine.
+  R1JAX_DEVICE_MEMORY_GIB memory per device in GiB (TPU v5p 95, v4 32, v5e 16, v6e 32;
+                          H100 80, H200 141; on GPU give what XLA may use, by default 75%).
+                          Default: what the local accelerator reports; none on CPU, where
+                          the table is printed without a verdict.
+A mesh that cannot fit exits with status 2 and one message naming the largest terms.
+
+What is exact and what is estimated (c = bytes of model.dtype; per device throughout):
+  parameters   exact: fp32 master weights, every parameter's shape divided by the mesh
+               axes its logical axes map to (parallel.TRAIN_RULES, incl. the rule that an
+               axis not dividing a dimension leaves it whole).
+  gradients    = parameters (fp32, same sharding), alive during the update.
+  optimizer    = 2 x parameters (AdamW first and second moments, fp32).
+  reference    = parameters when stage grpo and rl.beta > 0 (the frozen fp32 copy).
+  The step phases below run one at a time; the peak is the largest phase plus the above.
+  update       the jitted train step on r rows per device: r = ceil(rows / W), W =
+               data * fsdp * expert, rows = batch_size (pretrain / sft) or batch_size * G /
+               rl.minibatches (grpo). The model has no rematerialisation, so every tensor
+               the backward pass reads is kept for all L layers:
+                 per token and layer: the residual stream and norms (4 D c), attention
+                 projections (MLA: q latents, q, roped q, kv latents, per-head k and v, out;
+                 GQA: q, k, v, roped q and k, out; per-head terms / tensor), the FFN (dense:
+                 4 F/tensor c; MoE: fp32 router logits and scores 8 E, top_k token copies and
+                 SwiGLU intermediates k (3 D + 4 F_e/tensor) c, shared experts 4 S F_e/tensor c);
+                 per row and layer: attention is dense, so the softmax output in fp32 and in
+                 c, H/tensor x T x T x (4 + c), plus the [T, T] mask once;
+                 one layer's backward working set: H/tensor x T x T x 8 (fp32 scores and
+                 their gradient).
+               logits are not chunked: fp32 [r, T, V/tensor] logits, log-softmax and its
+               gradient (3 arrays; grpo: T + 3 N positions, the completion slice scaled by the
+               temperature, its log-softmax and the entropy's). Chunking the vocabulary
+               projection would remove most of this term; r1jax does not chunk today.
+               With fsdp > 1, weights are all-gathered per use: 2 x the largest layer (or
+               embedding) in fp32 without its fsdp split (one in use, one prefetched).
+  rollout      (grpo) the sampler's cache for ceil(B' G / W) rows of seq_len slots, L layers:
+               MLA keeps the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim) c a
+               slot, GQA 2 K Dh c (/ tensor); the prefill of ceil(B' / W) prompts (one layer's
+               scores, fp32 prompt logits); the routing-replay record of chosen experts (int32,
+               L_moe x rows x seq_len x top_k). B' = ceil(rl.oversample x B) with dynamic
+               sampling. Assumes XLA shards the cache over the batch like the training batch:
+               the sampler does not constrain it.
+  reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention,
+               logits, and the whole batch (tokens, masks, expert record) on device.
+Not counted: XLA's temporary buffers beyond the working sets above, fragmentation, the
+eval sampler (eval.n x eval.k rows), host memory. The total is a lower bound: XLA:CPU's
+own accounting of the compiled train step of small GQA and MLA + MoE models came out
+1.2x-1.5x above it (tests/test_memory.py keeps it within 2x). So a refusal is certain
+("even the lower bound does not fit"), a fit is not: check a real step with the compiled
+memory_analysis() on the target before a long run.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from r1jax import config as config_lib
 from r1jax import parallel
 from r1jax.model.transformer import Transformer
 
 GIB = 1024 ** 3
+NUM_DEVICES_ENV = "R1JAX_NUM_DEVICES"
+DEVICE_MEMORY_ENV = "R1JAX_DEVICE_MEMORY_GIB"
 
 
-def per_device_param_bytes(config, mesh_shape) -> tuple[int, float]:
+class Misfit(ValueError):
+  """The config cannot run on the target mesh; the message says why."""
+
+
+def _params(config):
+  """The model's nnx.Param state as abstract shapes (nothing allocated)."""
+  model = nnx.eval_shape(lambda: Transformer(config_lib.model_config(config), nnx.Rngs(0)))
+  return nnx.state(model, nnx.Param)
+
+
+def _shards(params, mesh_shape):
+  """[(path keys, global shape, per-device shape)] of every parameter, placed exactly as
+  parallel.state_shardings places it, on an abstract mesh of `mesh_shape` (no devices)."""
+  mesh = AbstractMesh(tuple(mesh_shape), parallel.MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(parallel.MESH_AXES))
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_var)
+  shardings = jax.tree.leaves(parallel.state_shardings(params, mesh),
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  out = []
+  for (path, var), sharding in zip(flat, shardings, strict=True):
+    keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    shape = tuple(var.get_value().shape)
+    out.append((keys, shape, sharding.shard_shape(shape)))
+  return out
+
+
+def per_device_param_bytes(config, mesh_shape, params=None) -> tuple[int, float]:
   """(total parameter count, fp32 bytes per device under the train rules)."""
-  cfg = config_lib.model_config(config)
-  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  shards = _shards(_params(config) if params is None else params, mesh_shape)
+  total = sum(math.prod(shape) for _, shape, _ in shards)
+  return total, float(sum(4 * math.prod(local) for _, _, local in shards))
+
+
+def gathered_weight_bytes(params, mesh_shape) -> float:
+  """2 x fp32 bytes of the largest unit all-gathered over fsdp for use: one decoder layer
+  (or one parameter outside the layers, e.g. the embedding), split by every axis but fsdp."""
   sizes = dict(zip(parallel.MESH_AXES, mesh_shape))
-  total, per_device = 0, 0.0
-  for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    shape = var.get_value().shape
-    n = int(np.prod(shape))
-    total += n
-    spec = parallel.logical_to_spec(var.get_metadata().get("axes") or (None,) * len(shape))
-    split = 1
-    for dim, entry in zip(shape, spec):
-      names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-      ways = int(np.prod([sizes[a] for a in names])) if names else 1
-      split *= ways if dim % ways == 0 else 1
-    per_device += 4 * n / split
-  return total, per_device
+  if sizes["fsdp"] == 1:
+    return 0.0
+  units: dict = {}
+  for keys, _, local in _shards(params, tuple(1 if a == "fsdp" else n for a, n in sizes.items())):
+    unit = keys[:2] if keys[0] in ("layers", "mtp") else keys
+    units[unit] = units.get(unit, 0.0) + 4 * math.prod(local)
+  return 2 * max(units.values())
 
 
-def report(config, n_devices: int | None = None) -> int:
-  n_devices = n_devices or int(np.prod([max(v, 1) for v in
-                                        (config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor)]))
-  try:
-    mesh_shape = parallel.mesh_shape(config.mesh, n_devices if -1 not in
-                                     [config.mesh[a] for a in parallel.MESH_AXES] else jax.device_count())
-  except ValueError as e:
-    print(f"error: {e}")
-    return 2
-  cfg = config_lib.model_config(config)
-  total, params = per_device_param_bytes(config, mesh_shape)
-  optimizer = 2 * params  # AdamW first and second moments, fp32
-  batch_ways = int(np.prod(mesh_shape[:3]))
-  rows = max(config.train.batch_size * config.rl.group_size // batch_ways, 1)
-  bytes_per = 2 if cfg.dtype == "bfloat16" else 4
+def _per_token_layer_bytes(cfg, tensor: int, moe: bool, c: int) -> float:
+  """Activation bytes one token keeps for the backward pass in one layer (see the docstring)."""
+  def split(n):  # a per-head / per-feature dimension split over tensor when it divides
+    return n / tensor if n % tensor == 0 else n
+  d = cfg.d_model
+  total = 4 * d * c + d * c  # residual in, attn norm, residual mid, ffn norm; o-projection out
   if cfg.attention == "mla":
-    per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    h = split(cfg.n_heads)
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    total += 2 * cfg.q_lora_rank * c + 2 * h * (dn + dr) * c  # q latents; q and roped q
+    total += (r + dr) * c + (r + dr) * c  # kv latents, normalised latent + roped key
+    total += h * (dn + 2 * dv) * c  # per-head keys, values, attention output
   else:
-    per_token = 2 * cfg.n_kv_heads * cfg.head_dim // max(mesh_shape[3], 1)
-  kv_cache = rows * config.train.seq_len * cfg.n_layers * per_token * bytes_per
-  # Activations with per-layer rematerialisation: the residual stream at every layer
-  # boundary plus one layer's working set (~ 16 x d_model a token).
-  tokens = rows * config.train.seq_len
-  activations = tokens * cfg.d_model * bytes_per * (cfg.n_layers + 16)
-  logits = tokens * cfg.vocab_size * 4 / max(mesh_shape[3], 1)
-  table = [("parameters (fp32)", params), ("optimizer (AdamW, fp32)", optimizer),
-           ("KV cache (rollout)", kv_cache), ("activations (est.)", activations),
-           ("logits (fp32, est.)", logits)]
-  print(f"model: {total / 1e9:.2f}B parameters; mesh data,fsdp,expert,tensor = {mesh_shape}")
-  print(f"{'per device':<26} {'GiB':>10}")
-  for name, value in table:
-    print(f"{name:<26} {value / GIB:>10.2f}")
-  need = sum(v for _, v in table)
-  print(f"{'total':<26} {need / GIB:>10.2f}")
+    h, kv = split(cfg.n_heads), split(cfg.n_kv_heads)
+    dh = cfg.head_dim
+    total += 2 * h * dh * c + 3 * kv * dh * c + h * dh * c  # q, roped q; k, v, roped k; out
+  if moe:
+    fe = split(cfg.moe_d_ff)
+    slots = cfg.n_experts if cfg.moe_impl == "dense" else cfg.top_k
+    total += 8 * cfg.n_experts  # fp32 router logits and scores
+    total += slots * (3 * d + 4 * fe) * c  # token copies, SwiGLU intermediates, expert outputs
+    total += 4 * cfg.n_shared_experts * fe * c
+  else:
+    total += 4 * split(cfg.d_ff) * c
+  return total
+
+
+def estimate(config, mesh_shape, params=None) -> dict:
+  """Per-device bytes of every term (see the module docstring): an ordered dict of rows
+  `name -> bytes` plus `phases` (name -> bytes) and `notes`."""
+  cfg = config_lib.model_config(config)
+  params = _params(config) if params is None else params
+  sizes = dict(zip(parallel.MESH_AXES, mesh_shape))
+  tensor = sizes["tensor"]
+  ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  c = 2 if cfg.dtype == "bfloat16" else 4
+  grpo = config.stage == "grpo" or (config.stage == "pipeline" and "grpo" in config.stages)
+  rl, t = config.rl, config.train
+  seq = t.seq_len
+  heads = cfg.n_heads / tensor if cfg.n_heads % tensor == 0 else cfg.n_heads
+  vocab = cfg.vocab_size / tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+  n_layers = cfg.n_layers + cfg.mtp_depth
+  moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.n_layers))
+
+  total_params, p = per_device_param_bytes(config, mesh_shape, params)
+  rows = {"parameters (fp32)": p, "gradients (fp32)": p, "optimizer (AdamW m, v; fp32)": 2 * p}
+  reference = p if grpo and rl.beta > 0 else 0.0
+  if reference:
+    rows["reference policy (fp32)"] = reference
+  persistent = 3 * p + reference  # parameters, moments, reference; gradients: update phase
+
+  gathered = gathered_weight_bytes(params, mesh_shape)
+  update_rows = t.batch_size * (rl.group_size // max(rl.minibatches, 1) if grpo else 1)
+  r = math.ceil(update_rows / ways)
+  per_token = sum(_per_token_layer_bytes(cfg, tensor, cfg.layer_is_moe(i), c) for i in range(cfg.n_layers))
+  per_token += cfg.mtp_depth * _per_token_layer_bytes(cfg, tensor, cfg.is_moe, c)
+  attention = r * (n_layers * heads * seq * seq * (4 + c) + seq * seq + heads * seq * seq * 8)
+  activations = r * seq * per_token
+  logit_positions = seq + 3 * rl.max_new_tokens if grpo else 3 * seq
+  logits = r * logit_positions * vocab * 4
+  phases = {"update": p + activations + attention + logits + gathered}
+  rows["update: activations (no remat)"] = activations
+  rows["update: attention scores (dense)"] = attention
+  rows["update: logits (fp32, unchunked)"] = logits
+  if gathered:
+    rows["fsdp-gathered weights"] = gathered
+  notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
+
+  if grpo:
+    sampled = math.ceil(rl.oversample * t.batch_size) if rl.dynamic_sampling else t.batch_size
+    r_roll = math.ceil(sampled * rl.group_size / ways)
+    r_prompt = math.ceil(sampled / ways)
+    prompt = seq - rl.max_new_tokens
+    if cfg.attention == "mla":
+      slot = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
+    else:
+      kv = cfg.n_kv_heads / tensor if cfg.n_kv_heads % tensor == 0 else cfg.n_kv_heads
+      slot = 2 * kv * cfg.head_dim * c
+    cache = r_roll * seq * (cfg.n_layers * slot + 1)
+    prefill = r_prompt * (heads * prompt * prompt * (8 + c) + prompt * vocab * 4)
+    replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
+    rows["rollout: KV cache"] = cache
+    rows["rollout: prefill + expert record"] = prefill + replay
+    phases["rollout"] = cache + prefill + replay + gathered
+    notes.append(f"rollout: {r_roll} sample(s) of {seq} cache slots per device")
+    r_all = math.ceil(t.batch_size * rl.group_size / ways)
+    batch = r_all * seq * (5 * 4 + moe_layers * cfg.top_k * 4)
+    phases["update"] += batch
+    if rl.beta > 0:
+      ref_fwd = r_all * (heads * seq * seq * (8 + c) + (seq + 2 * rl.max_new_tokens) * vocab * 4)
+      rows["reference forward (all rows)"] = ref_fwd
+      phases["reference forward"] = ref_fwd + batch + gathered
+  peak_phase = max(phases, key=phases.get)
+  return dict(rows=rows, persistent=persistent, phases=phases, peak_phase=peak_phase,
+              total=persistent + phases[peak_phase], total_params=total_params, notes=notes)
+
+
+def target(config, n_devices=None, device_memory_gib=None):
+  """(mesh shape, device memory in bytes or None, where the memory figure came from)."""
+  axes = [int(config.mesh[a]) for a in parallel.MESH_AXES]
+  if n_devices is None and os.environ.get(NUM_DEVICES_ENV):
+    n_devices = _positive(NUM_DEVICES_ENV, os.environ[NUM_DEVICES_ENV], int)
+  if n_devices is None:
+    n_devices = int(np.prod(axes)) if -1 not in axes else jax.device_count()
+  try:
+    shape = parallel.mesh_shape(config.mesh, n_devices)
+  except ValueError as e:
+    raise Misfit(f"{e}. For a dry run, set {NUM_DEVICES_ENV} to the target's device count "
+                 f"(e.g. {NUM_DEVICES_ENV}=1024 for a v5p-2048, which has 1,024 chips)") from None
+  source = f"{DEVICE_MEMORY_ENV}"
+  if device_memory_gib is None and os.environ.get(DEVICE_MEMORY_ENV):
+    device_memory_gib = _positive(DEVICE_MEMORY_ENV, os.environ[DEVICE_MEMORY_ENV], float)
+  if device_memory_gib is None:
+    device_memory_gib, source = _local_device_memory_gib(), "reported by the local device"
+  memory = None if device_memory_gib is None else device_memory_gib * GIB
+  return shape, memory, source
+
+
+def _positive(name, raw, kind):
+  try:
+    value = kind(raw)
+  except ValueError:
+    value = -1
+  if value <= 0:
+    raise Misfit(f"{name}={raw!r} must be a positive {'integer' if kind is int else 'number'}")
+  return value
+
+
+def _local_device_memory_gib():
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  stats = device.memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return limit / GIB if limit else None
+
+
+def check(config, est: dict, mesh_shape, memory) -> None:
+  """Raises one Misfit naming every reason the config cannot run on `mesh_shape`: a batch
+  that cannot be split over the batch shards, or an estimate above `memory`."""
+  sizes = dict(zip(parallel.MESH_AXES, mesh_shape))
+  ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  grpo = config.stage == "grpo" or (config.stage == "pipeline" and "grpo" in config.stages)
+  rows = config.train.batch_size * (config.rl.group_size if grpo else 1)
+  what = "train.batch_size x rl.group_size" if grpo else "train.batch_size"
+  problems = []
+  if rows % ways:
+    problems.append(f"{what} = {rows} rows cannot be split evenly over data x fsdp x expert = "
+                    f"{ways} batch shards (make it a multiple of {ways}, or move devices to "
+                    f"mesh.tensor)")
+  if memory is not None and est["total"] > memory:
+    big = sorted(est["rows"].items(), key=lambda kv: -kv[1])[:2]
+    terms = " and ".join(f"{name} {value / GIB:,.1f} GiB" for name, value in big)
+    problems.append(f"it needs ~{est['total'] / GIB:,.1f} GiB per device, more than the "
+                    f"{memory / GIB:,.1f} GiB available (largest: {terms})")
+  if problems:
+    raise Misfit(f"mesh {_mesh_text(mesh_shape)} cannot run this config: " + "; and ".join(problems))
+
+
+def _mesh_text(mesh_shape) -> str:
+  return " ".join(f"{a}={s}" for a, s in zip(parallel.MESH_AXES, mesh_shape))
+
+
+def report(config, n_devices: int | None = None, device_memory_gib: float | None = None) -> int:
+  """Prints the per-device table; 0 if it fits (or memory is unknown), 2 with one message
+  on stderr if it cannot."""
+  try:
+    mesh_shape, memory, source = target(config, n_devices, device_memory_gib)
+    est = estimate(config, mesh_shape)
+  except Misfit as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = int(np.prod(mesh_shape))
+  print(f"model: {est['total_params'] / 1e9:.2f}B parameters; stage {config.stage}; "
+        f"mesh {_mesh_text(mesh_shape)} ({n} devices)")
+  for note in est["notes"]:
+    print(note)
+  print(f"{'per device':<36} {'GiB':>12}")
+  for name, value in est["rows"].items():
+    print(f"{name:<36} {value / GIB:>12,.2f}")
+  print(f"{'peak (' + est['peak_phase'] + ' phase)':<36} {est['total'] / GIB:>12,.2f}")
+  try:
+    check(config, est, mesh_shape, memory)
+  except Misfit as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if memory is None:
+    print(f"device memory unknown: set {DEVICE_MEMORY_ENV} (GiB per device) to check the fit")
+  else:
+    print(f"fits: {est['total'] / memory:.0%} of {memory / GIB:,.1f} GiB per device ({source}); "
+          f"estimates are lower bounds, see r1jax/memory.py")
   return 0

@@ -13,6 +13,7 @@ weights unsharded over fsdp (no per-token all-gathers while decoding).
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -40,21 +41,84 @@ TRAIN_RULES = (
 SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in TRAIN_RULES)
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when launched as one process per host.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
-  Triggers on the coordinator variables our launch scripts set (or SLURM / TPU pod
-  metadata, which jax detects itself when JAX_DISTRIBUTED=1).
+
+def distributed_env(environ=None) -> dict | None:
+  """The jax.distributed.initialize() arguments our launch scripts pass, or None.
+
+  launch/slurm.sbatch and the Kubernetes note set all three of JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; JAX_DISTRIBUTED=1
+  instead lets jax detect the cluster itself (TPU VM pods: launch/tpu_vm.sh; SLURM).
+  Returns {} for auto-detection, None for a single-process run. A partial or malformed
+  set raises ValueError naming the variable, rather than hanging at the first collective.
   """
-  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-    return
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif os.environ.get("JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  env = os.environ if environ is None else environ
+  given = [k for k in DISTRIBUTED_ENV if env.get(k, "") != ""]
+  if not given:
+    return {} if env.get("JAX_DISTRIBUTED", "") == "1" else None
+  missing = [k for k in DISTRIBUTED_ENV if k not in given]
+  if missing:
+    raise ValueError(f"multi-host launch: {', '.join(given)} set but {', '.join(missing)} missing; "
+                     f"set all of {', '.join(DISTRIBUTED_ENV)} (or none, with JAX_DISTRIBUTED=1)")
+  address = env["JAX_COORDINATOR_ADDRESS"]
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port, e.g. 10.0.0.2:8476")
+  try:
+    n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+  except ValueError:
+    raise ValueError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                     f"{env['JAX_PROCESS_ID']!r} must be integers") from None
+  if n < 1 or not 0 <= i < n:
+    raise ValueError(f"JAX_PROCESS_ID={i} must be in [0, JAX_NUM_PROCESSES={n})")
+  return dict(coordinator_address=address, num_processes=n, process_id=i)
+
+
+def maybe_initialize_distributed(environ=None) -> bool:
+  """jax.distributed.initialize() when launched as one process per host; True if it ran.
+
+  Call before anything touches the devices (the first jax.devices() fixes the backend).
+  On CPU the cross-process collectives are gloo (jax's default), which the multi-host
+  test uses on loopback. A bad set of variables exits with status 2 and one message.
+  """
+  if jax.distributed.is_initialized():
+    return False
+  try:
+    kwargs = distributed_env(environ)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if kwargs is None:
+    return False
+  jax.distributed.initialize(**kwargs)
+  print(f"[r1jax] process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+  return True
+
+
+def host_rows(mesh: Mesh, n_rows: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process feeds under batch_sharding.
+
+  Processes own contiguous blocks of the batch (devices are process-major in the mesh);
+  a block is checked to be contiguous, so a mesh that interleaves hosts fails loudly.
+  """
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((n_rows,))
+  rows = sorted({r for (sl,) in index_map.values() for r in range(*sl.indices(n_rows))})
+  if rows != list(range(rows[0], rows[-1] + 1)):
+    raise ValueError(f"process {jax.process_index()} owns non-contiguous batch rows; "
+                     f"put the host-spanning axes first in the mesh")
+  return rows[0], rows[-1] + 1
+
+
+def put_host_batch(mesh: Mesh, batch: dict) -> dict:
+  """Global arrays under batch_sharding from each process's own rows: the rows
+  host_rows(mesh, n) names (a dict of [b_local, ...] arrays, same keys and shapes on every
+  process). When the batch axes span the processes, the global batch is their batches
+  stacked in process order; with one process this is a plain device_put.
+  """
+  return {k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
 
 
 def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
@@ -79,8 +143,17 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   dcn = int(mesh_config.get("dcn_data", 1)) if hasattr(mesh_config, "get") else 1
   if dcn > 1:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    if shape[0] % dcn:
+      raise ValueError(f"mesh.data={shape[0]} must be a multiple of mesh.dcn_data={dcn}")
     ici = (shape[0] // dcn,) + shape[1:]
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1), devices=devices)
+    # TPU slices carry slice_index; GPU / CPU hosts do not, so each host is a granule.
+    n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    n_hosts = len({d.process_index for d in devices})
+    if dcn not in (n_slices, n_hosts):
+      raise ValueError(f"mesh.dcn_data={dcn} must equal the number of TPU slices ({n_slices}) or, "
+                       f"without slices, of hosts ({n_hosts})")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1), devices=devices,
+                                                process_is_granule=n_slices != dcn)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -16,7 +16,8 @@ import dataclasses
 ATTENTION_KINDS = ("gqa", "mla")
 ROPE_KINDS = ("default", "llama3", "yarn")
 ROUTER_KINDS = ("sigmoid", "softmax")
-MOE_IMPLS = ("ragged", "dense", "pallas")
+MOE_IMPLS = ("ragged", "dense", "pallas", "blocked")
+EP_ALL_TO_ALL = ("tiled", "ragged")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -72,6 +73,11 @@ class ModelConfig:
   moe_every: int = 1  # Qwen3-MoE decoder_sparse_step.
   moe_impl: str = "ragged"
   capacity_factor: float = 0.0  # 0: drop-less (DeepSeek-V3 drops no tokens).
+  # Expert parallelism: "tiled" lax.all_to_all (runs everywhere) or "ragged"
+  # lax.ragged_all_to_all (accelerators only; XLA:CPU does not implement it).
+  ep_all_to_all: str = "tiled"
+  # Complementary sequence-wise balance loss weight alpha (DeepSeek-V3 eqs. 17-20); 0: off.
+  seq_balance_alpha: float = 0.0
 
   # Multi-token prediction (DeepSeek-V3 section 2.2); 0 disables the MTP head.
   mtp_depth: int = 0
@@ -143,6 +149,9 @@ class ModelConfig:
       need(self.moe_d_ff > 0, f"model.moe_d_ff={self.moe_d_ff} must be positive")
       need(self.capacity_factor >= 0, f"model.capacity_factor={self.capacity_factor} must be >= 0 (0: drop-less)")
       need(self.moe_every >= 1, f"model.moe_every={self.moe_every} must be >= 1")
+      need(self.ep_all_to_all in EP_ALL_TO_ALL,
+           f"model.ep_all_to_all={self.ep_all_to_all!r}: choose one of {EP_ALL_TO_ALL}")
+      need(self.seq_balance_alpha >= 0, f"model.seq_balance_alpha={self.seq_balance_alpha} must be >= 0")
     if self.rope_type != "default":
       need(self.rope_factor >= 1.0, f"model.rope_factor={self.rope_factor} must be >= 1 for {self.rope_type} scaling")
     need(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0")
