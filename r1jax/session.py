@@ -93,7 +93,7 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   checkpoint.check_compatible(checkpoint.read_meta(mgr), config.model.to_dict(), workdir)
 
-  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _null():
+  with jax.set_mesh(mesh):
     model = state_lib.create_model(mcfg, config.seed, mesh)
     graphdef, state = state_lib.create_state(model, tx)
   data_state, start = {}, 0
@@ -108,14 +108,6 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2, default=str)
   return Stage(config, name, workdir, mesh, tok, graphdef, state, tx, mgr, data_state, start)
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def state_shardings(state):
