@@ -34,12 +34,19 @@ def model_config(config) -> ModelConfig:
 def default_config() -> ml_collections.ConfigDict:
   """Every key a run can set, with the tiny CPU defaults."""
   c = ml_collections.ConfigDict()
-  c.stage = "pretrain"
-  c.stages = ""  # for stage=pipeline: comma-separated stage names, run in order
+  # The embedded CPU recipe is R1-Zero in miniature: pretrain a tiny base model from
+  # scratch on arithmetic text where only 30% of the examples show their work, then GRPO
+  # with rule rewards (accuracy + format) from that base.
+  c.stage = "pipeline"
+  c.stages = "pretrain,grpo"  # for stage=pipeline: comma-separated stage names, run in order
   c.seed = 0
   c.workdir = "runs/default"
   # Pipeline stages' own overrides: per_stage.<stage> = "key=value,key=value".
-  c.per_stage = ml_collections.ConfigDict(dict(pretrain="", sft="", grpo="", rejection_sampling="",
+  c.per_stage = ml_collections.ConfigDict(dict(
+      pretrain="train.steps=1500",
+      grpo=("train.steps=400,train.log_every=10,optim.lr=5e-4,optim.warmup_steps=10,"
+            "train.checkpoint_every=100"),
+      sft="", rejection_sampling="",
                                                reward_model=""))
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
@@ -54,18 +61,50 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=200, batch_size=32, seq_len=64, log_every=10, eval_every=0,
       checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5,
-      mtp_weight=0.3, bias_update_rate=0.001))
+      mtp_weight=0.3, bias_update_rate=0.001,
+      # Where a stage's weights come from (r1jax/train.py, "hand-overs"): "" the previous
+      # policy stage (or, at the top level, the checkpoint the run starts from), "base" the
+      # pipeline's base model, "none" a fresh init, a stage name or index, or a path.
+      init_from=""))
 
   c.data = ml_collections.ConfigDict(dict(
       task="arithmetic", n_train=4096, n_test=256, max_digits=2, ops="+-", path="", test_path="",
       tokenizer="char", tokenizer_path="", template="short",
       # Pretraining only: the share of examples that show the worked trace (the rest
-      # restate the question in <think>); see r1jax.sft.hide_traces.
-      trace_fraction=1.0))
+      # write only "guess" in <think>); see r1jax.sft.hide_traces.
+      trace_fraction=0.3,
+      # SFT: pack short examples into full rows (r1jax/packing.py); mix general
+      # (non-reasoning) rows from general_path into every batch at general_ratio
+      # (DeepSeek-R1 sec. 2.3.3: ~600k reasoning + ~200k non-reasoning samples).
+      pack=False, general_path="", general_ratio=0.25))
+
+  # Rejection sampling (r1jax/rejection.py; DeepSeek-R1 sec. 2.3.3).
+  c.rejection = ml_collections.ConfigDict(dict(
+      n_samples=4, temperature=1.0, top_p=1.0,
+      max_new_tokens=0,      # 0: rl.max_new_tokens
+      n_prompts=0,           # 0: every training prompt
+      batch_prompts=16,      # prompts per sampling call
+      max_per_prompt=0,      # distinct kept samples per prompt; 0: all
+      language="en",         # the chain of thought must be all this language
+      max_chars=0,           # longer completions are dropped; 0: only truncated ones
+      handover=True))        # the next sft stage of a pipeline trains on this output
+
+  # Reward model (r1jax/reward_model.py): Bradley-Terry on (prompt, chosen, rejected)
+  # pairs; used in GRPO as the "reward_model" reward.
+  c.reward_model = ml_collections.ConfigDict(dict(
+      data_path="", test_path="",  # pair JSONL; empty: synthetic pairs from data.task
+      n_pairs=512,                 # synthetic pairs (train; test gets a quarter)
+      path="",                     # checkpoint dir GRPO scores with ("" in a pipeline:
+                                   # the last reward_model stage)
+      weight=1.0,                  # its weight when GRPO has a reward model
+      scope="unverifiable",        # unverifiable (R1 sec. 2.3.4) | all
+      score_batch=64))             # rows per scoring call
 
   c.rl = grpo.default_rl_config()
-  # Held-out evaluation: n test examples, k samples each (temperature 0: greedy, k = 1).
-  c.eval = ml_collections.ConfigDict(dict(n=256, k=1, temperature=0.0, every=0))
+  c.rl.max_new_tokens = 40  # the tiny recipe's traces + tags + answer fit in ~30 chars
+  # Held-out evaluation: n test examples, k samples each at this temperature (0: greedy,
+  # k = 1). pass@1 is the mean over the k samples, as in the R1 paper's evaluation.
+  c.eval = ml_collections.ConfigDict(dict(n=256, k=4, temperature=1.0, every=0))
   return c
 
 
@@ -208,6 +247,7 @@ def validate(config, n_devices: int | None = None) -> None:
     problems.append(f"model.n_kv_heads={m.n_kv_heads} must be divisible by mesh.tensor={mesh.tensor}")
 
   problems += grpo.validate_rl(config.rl)
+  problems += _handover_problems(config)
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")
@@ -221,6 +261,25 @@ def validate(config, n_devices: int | None = None) -> None:
     problems.append(f"optim.schedule={config.optim.schedule!r}: choose cosine, constant or linear")
   if problems:
     raise ConfigError(_join(problems))
+
+
+def _handover_problems(config) -> list[str]:
+  """The data / rejection / reward_model keys of the R1 pipeline stages."""
+  problems = []
+  if not 0.0 <= config.data.general_ratio < 1.0:
+    problems.append(f"data.general_ratio={config.data.general_ratio} must be in [0, 1): the "
+                    f"share of each SFT batch taken from data.general_path")
+  rj = config.rejection
+  if rj.n_samples < 1 or rj.batch_prompts < 1:
+    problems.append(f"rejection.n_samples={rj.n_samples} and rejection.batch_prompts="
+                    f"{rj.batch_prompts} must be positive")
+  if config.stage in ("rejection_sampling", "pipeline") and (
+      (rj.max_new_tokens or config.rl.max_new_tokens) >= config.train.seq_len):
+    problems.append(f"rejection.max_new_tokens (0: rl.max_new_tokens) must be below "
+                    f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")
+  if config.reward_model.scope not in ("unverifiable", "all"):
+    problems.append(f"reward_model.scope={config.reward_model.scope!r}: choose unverifiable or all")
+  return problems
 
 
 def _type_ok(value, ref) -> bool:

@@ -3,6 +3,11 @@
 A batch is a dict of [B, T] arrays: `tokens`, `loss_mask` (1 where the token is a target:
 every real token for pretraining, only completion tokens for SFT), `segment_ids` (0 =
 padding; packed rows number their examples 1, 2, ...) and `positions`.
+
+With data.pack, rows hold several examples (r1jax/packing.py); with data.general_path,
+every batch takes data.general_ratio of its examples from that file (non-reasoning data,
+DeepSeek-R1 sec. 2.3.3). In a pipeline, an sft stage after rejection sampling reads its
+samples as data.path (r1jax/train.py, Handover).
 """
 
 from __future__ import annotations
@@ -106,8 +111,7 @@ def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only
 
 def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> dict:
   """Runs a next-token stage (`pretrain` or `sft`) to config.train.steps; resumable."""
-  from r1jax import optim, session  # pylint: disable=import-outside-toplevel
-  from r1jax.data import sources  # pylint: disable=import-outside-toplevel
+  from r1jax import optim, packing, session  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
 
   steps = config.train.steps
@@ -119,15 +123,15 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   if missing:
     raise session.DataError(f"{missing} of {len(train)} training rows have no 'solution' "
                             f"(reasoning trace) field, which {stage_name} trains on")
-  it = sources.make_iterator(sources.from_records(train), config.train.batch_size, seed=config.seed)
-  if st.data_state:
-    it.set_state(st.data_state)
   completion_only = stage_name != "pretrain"
   template = config.data.template
   trace_fraction = config.data.trace_fraction if stage_name == "pretrain" else 1.0
-  batch_fn = lambda ex: make_batch(ex, st.tokenizer, config.train.seq_len, template, completion_only,
-                                   trace_fraction)
-  eval_batch = session.put_batch(st.mesh, batch_fn(test[:config.train.batch_size]))
+  batches = packing.training_batches(config, train, st.tokenizer, completion_only, trace_fraction)
+  if st.data_state:
+    batches.set_state(st.data_state)
+  eval_batch = session.put_batch(st.mesh, make_batch(
+      test[:config.train.batch_size], st.tokenizer, config.train.seq_len, template,
+      completion_only, trace_fraction))
 
   shardings = session.state_shardings(st.state)
   step_fn = jax.jit(make_step(st.graphdef, tx, config.train.mtp_weight, config.train.bias_update_rate),
@@ -136,7 +140,7 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   eval_before = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
   first_loss = last = None
   for step in range(st.start_step, steps):
-    batch = session.put_batch(st.mesh, batch_fn(next(it)))
+    batch = session.put_batch(st.mesh, next(batches))
     st.state, metrics = step_fn(st.state, batch)
     if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:
       raise FloatingPointError(
@@ -144,14 +148,17 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
           f"{step + 1}; stopped. The last good checkpoint in {workdir} is intact. Lower optim.lr "
           f"or check the data.")
     if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
-      row = log.write(step + 1, metrics, show=("loss", "grad_norm"))
+      row = log.write(step + 1, dict(metrics, examples=batches.last_examples),
+                      show=("loss", "grad_norm"))
       first_loss = row["loss"] if first_loss is None else first_loss
       last = row["loss"]
     if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
-      st.save(step + 1, it.get_state())
+      st.save(step + 1, batches.get_state())
   log.close()
   eval_after = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
   summary = dict(stage=stage_name, steps=steps, first_logged_loss=first_loss, final_loss=last,
-                 heldout_nll_before=eval_before, heldout_nll_after=eval_after)
+                 heldout_nll_before=eval_before, heldout_nll_after=eval_after,
+                 data_path=config.data.path, general_path=config.data.general_path,
+                 packed=bool(config.data.pack))
   print(f"[{stage_name}] held-out loss {eval_before:.3f} -> {eval_after:.3f}", flush=True)
   return summary

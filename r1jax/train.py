@@ -45,13 +45,19 @@ def run(config) -> dict:
   names = ([s.strip() for s in config.stages.split(",") if s.strip()]
            if config.stage == "pipeline" else [config.stage])
   start = time.time()
-  summaries, init_from = [], None
+  dirs = [config.workdir if len(names) == 1 else os.path.join(config.workdir, f"{i}_{name}")
+          for i, name in enumerate(names)]
+  dry = Handover(config.train.init_from)  # a bad init_from spec fails before any stage runs
   for i, name in enumerate(names):
-    stage_dir = config.workdir if len(names) == 1 else os.path.join(config.workdir, f"{i}_{name}")
-    stage_config = _stage_config(config, name)
+    dry.record(dry.prepare(*_stage_config(config, name, names[:i].count(name)), name)[0], name,
+               dirs[i])
+  summaries, handover = [], Handover(config.train.init_from)
+  for i, (name, stage_dir) in enumerate(zip(names, dirs)):
+    stage_config, init_spec = _stage_config(config, name, names[:i].count(name))
+    stage_config, init_from = handover.prepare(stage_config, init_spec, name)
     summaries.append(_run_stage(stage_config, name, stage_dir, init_from))
-    summaries[-1]["plots"] = plots.plot_run(stage_dir)
-    init_from = os.path.join(stage_dir, "checkpoints")
+    summaries[-1].update(init_from=init_from, plots=plots.plot_run(stage_dir))
+    handover.record(stage_config, name, stage_dir)
   summary = dict(stages=summaries, wall_seconds=time.time() - start)
   # The R1-Zero headline: accuracy of the model RL started from, and where RL ended.
   with_acc = [s for s in summaries if "final_accuracy" in s]
@@ -63,15 +69,105 @@ def run(config) -> dict:
   return summary
 
 
-def _stage_config(config, name: str):
-  """The config a pipeline stage runs with: `per_stage.<name>` holds "key=value" overrides
-  (e.g. per_stage.grpo = "optim.lr=1e-4,train.steps=50")."""
+POLICY_STAGES = ("pretrain", "sft", "grpo")  # stages whose checkpoints are a policy
+
+
+class Handover:
+  """What a pipeline stage takes from the stages before it (DeepSeek-R1 sec. 2.3):
+
+  - weights: `train.init_from` of the stage, resolved here -- "" the last policy stage
+    (pretrain / sft / grpo; rejection_sampling and reward_model produce no policy), "base"
+    the pipeline's base model (the last pretrain stage, else what the run started from),
+    "none" a fresh init, a stage name (its last run) or index, or a checkpoint path.
+    The run starts from the top-level train.init_from (a path, or "" for a fresh init).
+    R1 fine-tunes the BASE model on the rejection-sampled data (sec. 2.3.3), hence
+    `per_stage.sft = "...;train.init_from=base"` in configs/r1_pipeline_tiny.py.
+  - data: an sft stage after a rejection_sampling stage (with rejection.handover) trains
+    on its output folder `<i>_rejection_sampling/data` (data.path), mixed with
+    data.general_path rows at data.general_ratio (r1jax/sft.py).
+  - reward model: a grpo stage with no reward_model.path gets the last reward_model
+    stage's checkpoints, and with them the "reward_model" reward (r1jax/reward_model.py).
+  """
+
+  def __init__(self, start: str):
+    self.stages = []  # (name, workdir) of the stages run so far
+    self.start = None if start in ("", "base", "none", "previous") else self.resolve(start)
+    self.base = self.policy = self.start
+    self.samples = None  # the last rejection-sampling output to hand to an sft stage
+    self.reward_model = None
+
+  def prepare(self, config, init_spec: str, name: str):
+    """(the stage's config with its inputs filled in, the checkpoint dir it starts from)."""
+    with config.unlocked():
+      if name == "sft" and self.samples:
+        config.data.path = self.samples
+      if name == "grpo" and self.reward_model and not config.reward_model.path:
+        config.reward_model.path = self.reward_model
+    return config, self.resolve(init_spec)
+
+  def resolve(self, spec: str) -> str | None:
+    if spec in ("", "previous"):
+      return self.policy
+    if spec == "base":
+      return self.base
+    if spec == "none":
+      return None
+    from r1jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    if spec.isdigit() or spec in config_lib.STAGES:
+      runs = [(i, d) for i, (n, d) in enumerate(self.stages) if str(i) == spec or n == spec]
+      if not runs or self.stages[runs[-1][0]][0] not in POLICY_STAGES:
+        raise config_lib.ConfigError(
+            f"train.init_from={spec}: weights come from a {', '.join(POLICY_STAGES)} stage that "
+            f"runs before this one (numbered from 0); {spec} is none of those")
+      return os.path.join(runs[-1][1], "checkpoints")
+    if not os.path.isdir(spec):
+      raise config_lib.ConfigError(f"train.init_from={spec!r}: no such checkpoint folder; use "
+                                   f"'', base, none, a stage name or index, or a path")
+    return _checkpoint_dir(spec)
+
+  def record(self, config, name: str, workdir: str) -> None:
+    self.stages.append((name, workdir))
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if name in POLICY_STAGES:
+      self.policy = checkpoints
+    if name == "pretrain":
+      self.base = checkpoints
+    if name == "rejection_sampling" and config.rejection.handover:
+      self.samples = os.path.join(workdir, "data")
+    if name == "sft":
+      self.samples = None  # handed over once: a later sft reads its own data.path again
+    if name == "reward_model":
+      self.reward_model = checkpoints
+
+
+def _checkpoint_dir(path: str) -> str:
+  """A stage workdir names its checkpoints/ folder; a checkpoints folder names itself."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def _stage_config(config, name: str, occurrence: int = 0):
+  """(the config a pipeline stage runs with, its train.init_from spec).
+
+  `per_stage.<name>` holds "key=value,key=value" overrides (e.g. per_stage.grpo =
+  "optim.lr=1e-4,train.steps=50"); a stage that runs more than once may take different
+  overrides for each run, separated by ";" (per_stage.sft = "train.steps=40;train.steps=3"
+  runs the first sft 40 steps and the second 3; a single alternative applies to all).
+  The init spec is "" unless the overrides set train.init_from: a stage's weights come
+  from the stages before it (Handover), the top-level value only says where the run starts.
+  """
   from r1jax import config as config_lib  # pylint: disable=import-outside-toplevel
   c = config.copy_and_resolve_references()
+  if config.stage != "pipeline":  # per_stage overrides shape pipelines, not a single stage
+    return c, ""
   with c.unlocked():
     c.stage = name
   spec = c.per_stage.get(name, "") if name in c.per_stage else ""
-  return config_lib.apply_overrides(c, [item for item in spec.split(",") if item.strip()])
+  alternatives = spec.split(";")
+  spec = alternatives[min(occurrence, len(alternatives) - 1)]
+  items = [item.strip() for item in spec.split(",") if item.strip()]
+  init = [i.split("=", 1)[1] for i in items if i.removeprefix("--config.").startswith("train.init_from=")]
+  return config_lib.apply_overrides(c, items), (init[-1] if init else "")
 
 
 def _run_stage(config, name: str, workdir: str, init_from: str | None) -> dict:
@@ -79,8 +175,15 @@ def _run_stage(config, name: str, workdir: str, init_from: str | None) -> dict:
     from r1jax import sft  # pylint: disable=import-outside-toplevel
     return sft.run(config, name, workdir, init_from)
   if name == "grpo":
+    from r1jax import reward_model  # pylint: disable=import-outside-toplevel
     from r1jax.rl import trainer  # pylint: disable=import-outside-toplevel
-    return trainer.run(config, workdir, init_from)
+    return trainer.run(reward_model.prepare_grpo(config), workdir, init_from)
+  if name == "rejection_sampling":
+    from r1jax import rejection  # pylint: disable=import-outside-toplevel
+    return rejection.run(config, workdir, init_from)
+  if name == "reward_model":
+    from r1jax import reward_model  # pylint: disable=import-outside-toplevel
+    return reward_model.run(config, workdir, init_from)
   raise NotImplementedError(f"stage {name!r} is not available yet in this version of r1jax")
 
 
@@ -98,7 +201,8 @@ def print_before_after(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  from r1jax import checkpoint, config as config_lib, session  # pylint: disable=import-outside-toplevel
+  from r1jax import checkpoint, config as config_lib, parallel, session  # pylint: disable=import-outside-toplevel
+  parallel.maybe_initialize_distributed()  # one process per host (launch/): join the cluster first
   try:
     path, overrides, dry_run = parse_args(argv)
     config = config_lib.apply_overrides(config_lib.load(path), overrides)
@@ -114,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     summary = run(config)
   except (session.DataError, checkpoint.CheckpointMismatch, FloatingPointError,
-          NotImplementedError) as e:
+          NotImplementedError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print_before_after(summary)

@@ -553,6 +553,14 @@ def code_reward(prompts, completions, **columns):
   return code.code_reward(prompts, completions, **columns)
 
 
+def reward_model_reward(prompts, completions, **columns):
+  """The learned reward of r1jax.reward_model (the checkpoint of reward_model.path,
+  loaded once by reward_model.prepare_grpo). Imported on first use: verifier workers
+  import this module and must not start JAX."""
+  from r1jax import reward_model
+  return reward_model.reward(prompts, completions, **columns)
+
+
 REWARD_FUNCTIONS = {
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -561,6 +569,7 @@ REWARD_FUNCTIONS = {
     "language": functools.partial(language_consistency_reward, language="en"),
     "language_en": functools.partial(language_consistency_reward, language="en"),
     "language_zh": functools.partial(language_consistency_reward, language="zh"),
+    "reward_model": reward_model_reward,
 }
 
 
