@@ -174,7 +174,7 @@ def create_model(cfg: ModelConfig, seed: int, mesh, init_from: str | None = None
   """A sharded RewardModel; its trunk loaded from a policy checkpoint when given.
 
   As for policy hand-overs (session.open_stage), only nnx.Param is restored."""
-  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else session._null():  # pylint: disable=protected-access
+  with jax.set_mesh(mesh):
     model = parallel.create_sharded_model(lambda: RewardModel(cfg, nnx.Rngs(seed)), mesh)
     if init_from:
       nnx.update(model.lm, checkpoint.restore_params(init_from, nnx.state(model.lm, nnx.Param)))
