@@ -117,3 +117,63 @@ def test_filtered_sampling_matches_distribution(top_k, top_p, temperature):
     p[order[before >= top_p]] = 0
   p /= p.sum()
   np.testing.assert_allclose(freq, p, atol=0.015)
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(0, 1.0, 1.0), (2, 1.0, 1.0), (0, 0.7, 1.0),
+                                                       (0, 1.0, 0.5)])
+def test_per_row_sampling_matches_distribution(top_k, top_p, temperature):
+  """sample_rows (one key per row, inverse CDF) draws from the same distribution as
+  sample, and its log-probs are those of the unfiltered tempered policy."""
+  logits = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))
+  n = 20000
+  keys = jax.random.split(jax.random.key(1), n)
+  tokens, logp = filters.sample_rows(keys, jnp.tile(logits, (n, 1)), temperature, top_k, top_p, False)
+  ref_tokens, _ = filters.sample(jax.random.key(2), jnp.tile(logits, (n, 1)), temperature, top_k, top_p, False)
+  freq = np.bincount(np.asarray(tokens), minlength=4) / n
+  ref = np.bincount(np.asarray(ref_tokens), minlength=4) / n
+  np.testing.assert_allclose(freq, ref, atol=0.02)
+  expected = np.asarray(jax.nn.log_softmax(logits / temperature))[np.asarray(tokens)]
+  np.testing.assert_allclose(np.asarray(logp), expected, atol=1e-6)
+
+
+def test_blocked_cumsum_equals_cumsum():
+  x = jax.random.uniform(jax.random.key(0), (3, 37))  # 37: not a multiple of the block
+  np.testing.assert_allclose(np.asarray(filters.cumsum_last(x)), np.asarray(jnp.cumsum(x, axis=-1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(n_heads=4, n_kv_heads=2),
+                                 ModelConfig(attention="mla", rope_type="yarn", rope_factor=4.0,
+                                             yarn_mscale_all_dim=1.0, yarn_mscale=1.0)],
+                         ids=["gqa", "mla_yarn"])
+def test_rope_tables_equal_apply_rope(cfg):
+  """The decoder's once-per-forward RoPE tables rotate exactly like layers.apply_rope."""
+  from r1jax.model import attention, layers  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, cfg.rope_dim))
+  pos = jnp.array([[0, 1, 2, 3, 4], [7, 9, 11, 40, 100]])
+  for interleaved in (False, True):
+    want = layers.apply_rope(x, pos, *layers.rope_inv_freq(cfg), interleaved=interleaved)
+    got = attention.rotate(x, attention.rope_tables(cfg, pos), interleaved)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("forced", ["none", "replay", "skewed"])
+def test_cached_moe_equals_moe_module(forced):
+  """The sampling path's MoE dispatch (capacity buffers, chosen at run time) gives the
+  module's outputs and experts: with its own routing, with replayed experts, and with a
+  skewed replay whose busiest expert overflows every capacity (the module's fallback)."""
+  from r1jax.model.transformer import cached_moe, moe_capacities  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(n_experts=16, top_k=2, n_shared_experts=1, moe_d_ff=32, d_model=32)
+  moe = Transformer(cfg, nnx.Rngs(3)).layers[0].ffn
+  b, t = 40, 1
+  x = jax.random.normal(jax.random.key(4), (b, t, cfg.d_model))
+  experts = None
+  if forced == "replay":
+    experts = jax.random.randint(jax.random.key(5), (b, t, 1), 0, 8)
+    experts = jnp.concatenate([experts, experts + 8], axis=-1)  # distinct per token
+  elif forced == "skewed":
+    experts = jnp.broadcast_to(jnp.array([3, 5]), (b, t, 2))
+    assert b > moe_capacities(b, cfg.n_experts, cfg.top_k)[-1]
+  want_y, want_e = moe(x, experts)
+  got_y, got_e = jax.jit(lambda x, e: cached_moe(moe, x, e))(x, experts)
+  np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
+  np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), atol=1e-5)

@@ -1,11 +1,13 @@
 """Attention: grouped-query attention (Llama / Qwen) and Multi-head Latent Attention (DeepSeek).
 
-Both take a boolean mask [B, T, S] built once per forward by the decoder, and optionally a
-layer cache. A cache holds one slot per position (slot s stores position s), so writing
-token t of row b is a scatter at (b, positions[b, t]); continuous batching can then
-reset and refill a single row.
+Both take a boolean mask [B, T, S] built once per forward by the decoder, the RoPE
+tables (also built once per forward), and optionally a layer cache. A cache holds one
+slot per position (slot s stores position s), so writing token t of row b is a scatter
+at (b, positions[b, t]); continuous batching can then reset and refill a single row
+(every cache array has the batch row on axis 0).
 
-GQA caches K and V [B, S, K, Dh]. MLA caches only what DeepSeek-V2 section 2.1.2 says is
+GQA caches keys [B, K, Dh, S] and values [B, K, S, Dh]: the layouts XLA reads fastest
+in a decode step (see _cached_attention). MLA caches only what DeepSeek-V2 section 2.1.2 says is
 needed: the normalised latent c_kv [B, S, R] and the shared RoPE key [B, S, Dr]; decoding
 with a cache uses the absorbed form (W_uk folded into the query, W_uv applied after the
 weighted sum), so the per-head keys and values are never materialised.
@@ -18,12 +20,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.model.config import ModelConfig
-from r1jax.model.layers import RMSNorm, apply_rope, dtype_of, param, rope_inv_freq, softmax_scale
+from r1jax.model.layers import RMSNorm, dtype_of, param, rope_inv_freq, softmax_scale
 
 # DeepSeek's reference (inference/model.py) and transformers both build MLA's q/kv latent
 # norms with RMSNorm's default eps, whatever rms_norm_eps the config gives the other norms.
 MLA_NORM_EPS = 1e-6
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
+
+
+def rope_tables(cfg: ModelConfig, positions_bt):
+  """(cos, sin) [B, T, 1, Dr/2] of `layers.apply_rope` (attention factor folded in).
+
+  The decoder computes them once per forward and every layer reuses them, instead of
+  every layer repeating the same cos/sin work.
+  """
+  inv_freq, attention_factor = rope_inv_freq(cfg)
+  angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dr/2]
+  return (jnp.cos(angles) * attention_factor)[..., None, :], (jnp.sin(angles) * attention_factor)[..., None, :]
+
+
+def rotate(x, tables, interleaved: bool):
+  """`layers.apply_rope` of x [B, T, H, Dr] with precomputed rope_tables (same math)."""
+  cos, sin = tables
+  if interleaved:
+    x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def masked_softmax(scores, mask):
@@ -36,6 +59,22 @@ def write_cache(cache_bs, new_bt, positions_bt):
   """Scatters new_bt [B, T, ...] into cache_bs [B, S, ...] at slot = position."""
   rows = jnp.arange(cache_bs.shape[0])[:, None]
   return cache_bs.at[rows, positions_bt].set(new_bt.astype(cache_bs.dtype), mode="drop")
+
+
+def write_keys_t(cache_bkds, new_btkd, positions_bt):
+  """Scatters new_btkd [B, T, K, Dh] into a slots-last key cache [B, K, Dh, S]."""
+  rows = jnp.arange(cache_bkds.shape[0])[:, None]
+  return cache_bkds.at[rows, :, :, positions_bt].set(new_btkd.astype(cache_bkds.dtype), mode="drop")
+
+
+def write_cache_heads(cache_bksd, new_btkd, positions_bt):
+  """Scatters new_btkd [B, T, K, Dh] into a heads-major cache [B, K, S, Dh] at slot = position.
+
+  (rows, :, positions) indexes a [B, T, K, Dh] block (numpy puts the advanced-index
+  dims first), so the new keys need no transpose.
+  """
+  rows = jnp.arange(cache_bksd.shape[0])[:, None]
+  return cache_bksd.at[rows, :, positions_bt].set(new_btkd.astype(cache_bksd.dtype), mode="drop")
 
 
 class GQAttention(nnx.Module):
@@ -56,8 +95,9 @@ class GQAttention(nnx.Module):
       self.q_norm = RMSNorm(dh, cfg.norm_eps, rngs, axis_name="head_dim")
       self.k_norm = RMSNorm(dh, cfg.norm_eps, rngs, axis_name="head_dim")
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None):
+  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, rope=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    rope = rope_tables(cfg, positions_bt) if rope is None else rope
     q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv[...].astype(dt))
@@ -65,22 +105,44 @@ class GQAttention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions_bt, *rope_inv_freq(cfg), interleaved=False)
-    k = apply_rope(k, positions_bt, *rope_inv_freq(cfg), interleaved=False)
-    if cache is not None:
-      cache = dict(k=write_cache(cache["k"], k, positions_bt), v=write_cache(cache["v"], v, positions_bt))
-      k, v = cache["k"].astype(dt), cache["v"].astype(dt)
+    q, k = rotate(q, rope, interleaved=False), rotate(k, rope, interleaved=False)
     b, t, h, dh = q.shape
-    n_kv = k.shape[2]
+    n_kv = cfg.n_kv_heads
     q = q.reshape(b, t, n_kv, h // n_kv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v).reshape(b, t, h, dh)
+    if cache is None:
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+      probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
+      out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v).reshape(b, t, h, dh)
+    else:
+      cache = dict(k=write_keys_t(cache["k"], k, positions_bt), v=write_cache_heads(cache["v"], v, positions_bt))
+      out = _cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask_bts,
+                              softmax_scale(cfg)).reshape(b, t, h, dh)
     return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), cache
 
   def init_cache(self, batch: int, length: int, dtype):
-    shape = (batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
-    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    """Keys [B, K, Dh, S] and values [B, K, S, Dh] (see _cached_attention)."""
+    k, dh = self.cfg.n_kv_heads, self.cfg.head_dim
+    return dict(k=jnp.zeros((batch, k, dh, length), dtype), v=jnp.zeros((batch, k, length, dh), dtype))
+
+
+def _cached_attention(q_btkgd, k_bkds, v_bksd, mask_bts, scale: float):
+  """Attention of queries [B, T, K, G, Dh] over a cache: keys [B, K, Dh, S] (slots last),
+  values [B, K, S, Dh]. Returns [B, T, K, G, Dh].
+
+  Why these layouts: a decode step is bound by reading the cache, and XLA:CPU reads it
+  fastest when (b, k) are the leading batch dims and both matmuls are plain [G, Dh] x
+  [Dh, S] and [G, S] x [S, Dh] products per (b, k). Keys [B, S, K, Dh] made it transpose
+  the whole cache of every layer at every step; keys [B, K, S, Dh] made the score matmul
+  an [S, Dh] x [Dh, G] product with G = 2 columns, 2x slower than this one.
+  """
+  if q_btkgd.shape[1] == 1:  # decode: drop T so no operand needs a transpose
+    scores = jnp.einsum("bkgd,bkds->bkgs", q_btkgd[:, 0], k_bkds, preferred_element_type=jnp.float32)
+    probs = masked_softmax(scores * scale, mask_bts[:, None, :, :])  # mask [B, 1, S] -> [B, 1, 1, S]
+    return jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_bksd.dtype), v_bksd)[:, None]
+  scores = jnp.einsum("btkgd,bkds->bkgts", q_btkgd, k_bkds, preferred_element_type=jnp.float32)
+  probs = masked_softmax(scores * scale, mask_bts[:, None, None])
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_bksd.dtype), v_bksd)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 class MLAttention(nnx.Module):
@@ -103,7 +165,7 @@ class MLAttention(nnx.Module):
     self.wkv_b = param(rngs, (r, h, dn + dv), ("kv_lora", "heads", "head_dim"), std)
     self.wo = param(rngs, (h, dv, d), ("heads", "head_dim", "embed"), std)
 
-  def _queries(self, x_btd, positions_bt, dt):
+  def _queries(self, x_btd, rope, dt):
     cfg = self.cfg
     if cfg.q_lora_rank:
       q_lat = self.q_norm(jnp.einsum("btd,dr->btr", x_btd, self.wq_a[...].astype(dt)))
@@ -111,23 +173,24 @@ class MLAttention(nnx.Module):
     else:
       q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
     q_nope, q_rope = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
-    q_rope = apply_rope(q_rope, positions_bt, *rope_inv_freq(cfg), cfg.rope_interleave)
+    q_rope = rotate(q_rope, rope, cfg.rope_interleave)
     return q_nope, q_rope
 
-  def _latents(self, x_btd, positions_bt, dt):
+  def _latents(self, x_btd, rope, dt):
     cfg = self.cfg
     kv = jnp.einsum("btd,dr->btr", x_btd, self.wkv_a[...].astype(dt))
     c_kv = self.kv_norm(kv[..., :cfg.kv_lora_rank])
     k_rope = kv[..., cfg.kv_lora_rank:][:, :, None, :]  # one RoPE key shared by all heads
-    k_rope = apply_rope(k_rope, positions_bt, *rope_inv_freq(cfg), cfg.rope_interleave)
+    k_rope = rotate(k_rope, rope, cfg.rope_interleave)
     return c_kv, k_rope[:, :, 0, :]
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None):
+  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, rope=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     dn = cfg.qk_nope_head_dim
     scale = softmax_scale(cfg)
-    q_nope, q_rope = self._queries(x_btd, positions_bt, dt)
-    c_kv, k_rope = self._latents(x_btd, positions_bt, dt)
+    rope = rope_tables(cfg, positions_bt) if rope is None else rope
+    q_nope, q_rope = self._queries(x_btd, rope, dt)
+    c_kv, k_rope = self._latents(x_btd, rope, dt)
     w_uk = self.wkv_b[...][..., :dn].astype(dt)  # [R, H, dn]
     w_uv = self.wkv_b[...][..., dn:].astype(dt)  # [R, H, dv]
     if cache is None:

@@ -5,8 +5,15 @@ then decodes in a jitted `lax.while_loop` that stops as soon as every sequence h
 finished. Prompts are left-padded to one length; each row keeps its own positions, and
 cache slot s holds position s, so rows of different prompt lengths decode side by side.
 
-Shapes: B prompts, G group size, N = max_new_tokens, Tp prompt length, V vocab,
-L number of MoE layers, k top-k.
+With `slots=S` it batches continuously instead (`r1jax.sampling.continuous`): S cache
+rows, a queue of samples, and a finished row is refilled with the next waiting sample
+instead of idling until the longest one ends. Both run the same `decode_step`, and a
+sample's random draws depend on its output row and step only, so the two agree token
+for token on the same key.
+
+Shapes: B prompts, G group size, R = B*G output rows, S decode rows (slots), N =
+max_new_tokens, Tp prompt length, V vocab, L number of MoE layers, k top-k, M longest
+stop sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from r1jax.sampling import filters
 
@@ -42,7 +50,7 @@ def prompt_positions(prompt_mask_bt, pad_slot: int):
   return jnp.where(prompt_mask_bt > 0, pos, pad_slot).astype(jnp.int32)
 
 
-def _stop_table(stop_sequences):
+def make_stop_table(stop_sequences):
   """[n_stop, M] right-aligned ids, -1 where shorter (a wildcard)."""
   if not stop_sequences:
     return None
@@ -53,83 +61,215 @@ def _stop_table(stop_sequences):
   return jnp.asarray(table)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "params"))
-def _generate(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, group_size, params):
-  model = nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+def as_typed_key(rng):
+  """A typed PRNG key, whether `rng` is one already or a raw uint32 PRNGKey."""
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)
+
+
+def merge_model(graphdef, state):
+  return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
+def prefill(model, prompt_ids_bt, prompt_mask_bt, cache_len: int):
+  """Runs the prompts into a fresh cache of cache_len slots.
+
+  Returns (logits_bv of the last prompt token, cache, prompt lengths [B], prompt experts
+  [L, B, Tp, k] or None). Left padding: the last column is the last real token.
+  """
+  b, _ = prompt_ids_bt.shape
+  pos_bt = prompt_positions(prompt_mask_bt, cache_len)
+  logits, aux = model(prompt_ids_bt, pos_bt, prompt_mask_bt, cache=model.init_cache(b, cache_len))
+  lengths_b = prompt_mask_bt.sum(axis=1).astype(jnp.int32)
+  return logits[:, -1], aux["cache"], lengths_b, aux["experts"]
+
+
+# --- The decode state and one decode step, shared by plain and continuous batching ----
+
+
+def init_outputs(n_rows: int, n: int, n_moe: int, top_k: int):
+  """Zeroed output buffers for R rows of N tokens."""
+  out = dict(tokens=jnp.zeros((n_rows, n), jnp.int32), logprobs=jnp.zeros((n_rows, n), jnp.float32),
+             mask=jnp.zeros((n_rows, n), jnp.int32))
+  if n_moe:
+    out["experts"] = jnp.zeros((n_moe, n_rows, n, top_k), jnp.int32)
+  return out
+
+
+def row_keys(rng, rows_s):
+  """[S] keys, one per output row: fold_in(rng, row)."""
+  return jax.vmap(lambda r: jax.random.fold_in(rng, r))(rows_s)
+
+
+def decode_step(model, c, params: SamplingParams, stop_table, cache_len: int):
+  """Samples one token for every live row, records it, and feeds it through the model.
+
+  c: dict with cache; logits [S, V] (next-token logits of each row); live [S] bool;
+  row [S] (output row; rows >= R are never written); t [S] (tokens generated so far);
+  start [S] (prompt length = position of the first generated token); budget [S] (the
+  row stops after this many tokens); key [S] (the row's key; step t draws with
+  fold_in(key, t)); recent [S, M] last tokens (with stop sequences); out (see
+  init_outputs); steps (decode iterations run).
+  A row that finishes this step (EOS, stop sequence, budget) is still fed, so its last
+  token's experts are recorded for routing replay; rows not live feed a dropped write.
+  """
+  live, row, t = c["live"], c["row"], c["t"]
+  keys = jax.vmap(jax.random.fold_in)(c["key"], t)
+  token, logp = filters.sample_rows(keys, c["logits"], params.temperature, params.top_k,
+                                    params.top_p, params.greedy)
+  token = jnp.where(live, token, 0)
+  n_rows = c["out"]["tokens"].shape[0]
+  r = jnp.where(live, row, n_rows)  # out of range: the write is dropped
+  out = dict(c["out"])
+  out["tokens"] = out["tokens"].at[r, t].set(token, mode="drop")
+  out["logprobs"] = out["logprobs"].at[r, t].set(logp, mode="drop")
+  out["mask"] = out["mask"].at[r, t].set(1, mode="drop")
+  finished = t + 1 >= c["budget"]
+  if params.eos_ids:
+    finished |= jnp.any(token[:, None] == jnp.asarray(params.eos_ids, jnp.int32)[None, :], axis=-1)
+  new = dict(c)
+  if stop_table is not None:
+    recent = jnp.concatenate([c["recent"][:, 1:], token[:, None]], axis=1)
+    finished |= filters.window_ends_with_any(recent, stop_table)
+    new["recent"] = recent
+  pos = jnp.where(live, c["start"] + t, cache_len)[:, None]
+  logits, aux = model(token[:, None], pos, live[:, None].astype(jnp.int32), cache=c["cache"])
+  if "experts" in out:
+    out["experts"] = out["experts"].at[:, r, t].set(aux["experts"][:, :, 0], mode="drop")
+  new.update(cache=aux["cache"], logits=logits[:, 0], live=live & ~finished,
+             t=t + live.astype(jnp.int32), out=out, steps=c["steps"] + 1)
+  return new
+
+
+def moe_shape(model):
+  """(number of MoE layers, top-k); (0, 0) for a dense model."""
+  n_moe = len(model.moe_layers)
+  return n_moe, (model.cfg.top_k if n_moe else 0)
+
+
+# --- Plain batching: all R rows decode together, one jitted call ----------------------
+
+
+def _generate_rows(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size, params,
+                   first_row=0):
+  """Plain batching of B prompts (output rows first_row + [0, B*G) for the keys)."""
+  model = merge_model(graphdef, state)
   b, tp = prompt_ids_bt.shape
   n, g = params.max_new_tokens, group_size
   cache_len = tp + n
-  pos_bt = prompt_positions(prompt_mask_bt, cache_len)
-
   # Prefill: once per prompt (not G times), then share the cache with the group.
-  cache = model.init_cache(b, cache_len)
-  logits, aux = model(prompt_ids_bt, pos_bt, prompt_mask_bt, cache=cache)
+  logits_bv, cache, lengths_b, prompt_experts = prefill(model, prompt_ids_bt, prompt_mask_bt, cache_len)
   repeat = lambda x: jnp.repeat(x, g, axis=0)
-  cache = jax.tree.map(repeat, aux["cache"])
-  next_logits = repeat(logits[:, -1])  # left padding: the last column is the last real token
-  prompt_experts = aux["experts"]
   if prompt_experts is not None:
     prompt_experts = jnp.repeat(prompt_experts, g, axis=1)
-  bg = b * g
-  lengths0 = repeat(prompt_mask_bt.sum(axis=1).astype(jnp.int32))
-  n_moe = 0 if prompt_experts is None else prompt_experts.shape[0]
-  top_k = 0 if prompt_experts is None else prompt_experts.shape[-1]
-  stop_table = _stop_table(params.stop_sequences)
-  eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
-
-  carry = dict(
-      i=jnp.zeros((), jnp.int32), cache=cache, logits=next_logits,
-      done=jnp.zeros((bg,), bool), rng=rng,
-      tokens=jnp.zeros((bg, n), jnp.int32), logp=jnp.zeros((bg, n), jnp.float32),
-      mask=jnp.zeros((bg, n), jnp.int32),
-      experts=jnp.zeros((n_moe, bg, n, top_k), jnp.int32))
+  n_rows = b * g
+  rows = jnp.arange(n_rows, dtype=jnp.int32)
+  stop_table = make_stop_table(params.stop_sequences)
+  c = dict(cache=jax.tree.map(repeat, cache), logits=repeat(logits_bv), live=budget_r > 0, row=rows,
+           t=jnp.zeros((n_rows,), jnp.int32), start=repeat(lengths_b), budget=budget_r,
+           key=row_keys(rng, first_row + rows), out=init_outputs(n_rows, n, *moe_shape(model)),
+           steps=jnp.zeros((), jnp.int32))
+  if stop_table is not None:
+    c["recent"] = jnp.full((n_rows, stop_table.shape[1]), -2, jnp.int32)
 
   def cond(c):
-    return (c["i"] < n) & ~jnp.all(c["done"])
+    return (c["steps"] < n) & jnp.any(c["live"])
 
-  def body(c):
-    i = c["i"]
-    rng, key = jax.random.split(c["rng"])
-    token, logp = filters.sample(key, c["logits"], params.temperature, params.top_k,
-                                 params.top_p, params.greedy)
-    live = ~c["done"]
-    token = jnp.where(live, token, 0)
-    tokens = c["tokens"].at[:, i].set(token)
-    finished = jnp.any(token[:, None] == eos[None, :], axis=-1)
-    if stop_table is not None:
-      finished |= filters.ends_with_any(tokens, i, stop_table)
-    done = c["done"] | (live & finished)
-    # Feed the token at its own position; finished rows feed a dropped write.
-    pos = jnp.where(live, lengths0 + i, cache_len)[:, None]
-    logits, aux = model(token[:, None], pos, live[:, None].astype(jnp.int32), cache=c["cache"])
-    out = dict(i=i + 1, cache=aux["cache"], logits=logits[:, 0], done=done, rng=rng,
-               tokens=tokens, logp=c["logp"].at[:, i].set(jnp.where(live, logp, 0.0)),
-               mask=c["mask"].at[:, i].set(live.astype(jnp.int32)), experts=c["experts"])
-    if n_moe:
-      out["experts"] = c["experts"].at[:, :, i].set(aux["experts"][:, :, 0])
+  c = jax.lax.while_loop(cond, lambda c: decode_step(model, c, params, stop_table, cache_len), c)
+  out = dict(c["out"], steps=c["steps"], prompt_experts=prompt_experts, slot_steps=c["steps"] * n_rows)
+  out.setdefault("experts", None)
+  return out
+
+
+_generate = jax.jit(_generate_rows, static_argnames=("graphdef", "group_size", "params"))
+
+
+def row_axes(mesh):
+  """The mesh axes decode rows split over: the batch axes (`parallel.BATCH_AXES`) > 1."""
+  from r1jax import parallel  # pylint: disable=import-outside-toplevel
+  return tuple(a for a in parallel.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "params", "mesh"))
+def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size, params, mesh):
+  """Data-parallel plain batching: each device samples its share of the prompts, all of
+  their G rows, with no communication (the weights are gathered whole once, on entry).
+  The keys follow the global output row, so the result equals one device's."""
+  axes = row_axes(mesh)
+  n_shards = int(np.prod([mesh.shape[a] for a in axes]))
+  rows_per_shard = prompt_ids_bt.shape[0] // n_shards * group_size
+  split = P(axes)
+
+  def local(state, ids, mask, rng, budget):
+    first_row = jax.lax.axis_index(axes) * rows_per_shard
+    out = _generate_rows(graphdef, state, ids, mask, rng, budget, group_size, params, first_row)
+    # Per-shard counts, gathered as [n_shards] below.
+    out["steps"], out["slot_steps"] = out["steps"][None], out["slot_steps"][None]
     return out
 
-  c = jax.lax.while_loop(cond, body, carry)
-  return dict(tokens=c["tokens"], mask=c["mask"], logprobs=c["logp"], steps=c["i"],
-              experts=c["experts"] if n_moe else None, prompt_experts=prompt_experts)
+  specs = dict(tokens=split, logprobs=split, mask=split, steps=split, slot_steps=split,
+               prompt_experts=P(None, axes), experts=P(None, axes))
+  out = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, P(), split), out_specs=specs,
+                      check_vma=False)(state, prompt_ids_bt, prompt_mask_bt, rng, budget_r)
+  return dict(out, steps=jnp.max(out["steps"]), slot_steps=jnp.sum(out["slot_steps"]))
+
+
+def row_budgets(max_tokens_per_row, n_rows: int, n: int):
+  """[R] int32: min(max_new_tokens, the row's own cap)."""
+  if max_tokens_per_row is None:
+    return jnp.full((n_rows,), n, jnp.int32)
+  budget = jnp.asarray(max_tokens_per_row, jnp.int32)
+  assert budget.shape == (n_rows,), (budget.shape, n_rows)
+  return jnp.minimum(budget, n)
 
 
 def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rng,
-             group_size: int = 1, params: SamplingParams = SamplingParams()):
+             group_size: int = 1, params: SamplingParams = SamplingParams(),
+             slots: int | None = None, max_tokens_per_row=None, mesh=None):
   """Samples G completions per prompt.
 
   Args:
     model_or_graphdef: an nnx model, or its graphdef with `state` (params + other).
     prompt_ids_bt, prompt_mask_bt: left-padded prompts [B, Tp] and their mask.
+    slots: None decodes all B*G rows together until the longest ends (plain batching);
+      an int S batches continuously over S rows, refilling finished rows with waiting
+      samples (`r1jax.sampling.continuous`; one device). Same outputs either way.
+    max_tokens_per_row: optional [B*G] ints: row r stops after that many tokens (as if
+      max_new_tokens were smaller for it; its mask ends there).
+    mesh: optional device mesh for data-parallel rollouts (plain batching): the prompts
+      split over its batch axes (`parallel.BATCH_AXES`; B must divide evenly) and each
+      device samples its own, with the whole weights gathered onto it once. Same
+      outputs as one device. For models whose weights do not fit on one device, leave
+      it None and let the weights' own shardings drive the partitioning.
   Returns a dict:
     tokens [B*G, N] int32 (row b*G + j is sample j of prompt b), mask [B*G, N] (1 up to
     and including the stop token), logprobs [B*G, N] fp32 log pi(token) at the sampling
     temperature, experts [L, B*G, N, k] and prompt_experts [L, B*G, Tp, k] (MoE only),
-    steps: decode iterations run.
+    steps: decode iterations run, slot_steps: decode rows x iterations paid for (slot
+    utilisation = mask.sum() / slot_steps).
   """
   if state is None:
     graphdef, state = nnx.split(model_or_graphdef)
   else:
     graphdef = model_or_graphdef
-  return _generate(graphdef, state, jnp.asarray(prompt_ids_bt, jnp.int32),
-                   jnp.asarray(prompt_mask_bt, jnp.int32), rng, group_size, params)
+  ids = jnp.asarray(prompt_ids_bt, jnp.int32)
+  mask = jnp.asarray(prompt_mask_bt, jnp.int32)
+  rng = as_typed_key(rng)
+  budget_r = row_budgets(max_tokens_per_row, ids.shape[0] * group_size, params.max_new_tokens)
+  if slots is not None:
+    if mesh is not None and row_axes(mesh):
+      raise ValueError("generate: continuous batching (slots) runs on one device; pass slots or mesh, not both")
+    from r1jax.sampling import continuous  # pylint: disable=import-outside-toplevel
+    return continuous.generate_continuous(graphdef, state, ids, mask, rng, budget_r, group_size,
+                                          params, slots)
+  if mesh is not None and row_axes(mesh):
+    out = _generate_sharded(graphdef, state, ids, mask, rng, budget_r, group_size, params, mesh)
+  else:
+    out = _generate(graphdef, state, ids, mask, rng, budget_r, group_size, params)
+  return out
+
+
+def slot_utilisation(out) -> float:
+  """Useful tokens / (decode rows x decode iterations) of a `generate` result."""
+  return float(np.asarray(out["mask"]).sum()) / max(int(out["slot_steps"]), 1)
