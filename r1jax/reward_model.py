@@ -183,13 +183,7 @@ def create_model(cfg: ModelConfig, seed: int, mesh, init_from: str | None = None
 
 def open_stage(config, workdir: str, tx, init_from: str | None) -> session.Stage:
   """session.open_stage for a RewardModel: resume from workdir, else the trunk from init_from."""
-  os.makedirs(workdir, exist_ok=True)
-  mcfg = config_lib.model_config(config)
-  tok = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path or None)
-  tok.check_fits(mcfg.vocab_size)
-  mesh = parallel.make_mesh(config.mesh)
-  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  checkpoint.check_compatible(checkpoint.read_meta(mgr), config.model.to_dict(), workdir)
+  mcfg, tok, mesh, mgr = session.prepare_workdir(config, workdir)
   resume = mgr.latest_step() is not None
   model = create_model(mcfg, config.seed, mesh, None if resume else init_from)
   graphdef, state = state_lib.create_state(model, tx)

@@ -82,9 +82,9 @@ class Stage:
     return state_lib.merge(self.graphdef, self.state.params, self.state.other)
 
 
-def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None) -> Stage:
-  """Builds everything a stage needs, resuming from `workdir` when it has a checkpoint,
-  else starting from `init_from` (a previous stage's checkpoint dir) or from scratch."""
+def prepare_workdir(config, workdir: str):
+  """(model config, tokenizer, mesh, checkpoint manager) of a stage, after refusing a
+  tokenizer that does not fit the model or a workdir holding another model's checkpoint."""
   os.makedirs(workdir, exist_ok=True)
   mcfg = config_lib.model_config(config)
   tok = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path or None)
@@ -92,6 +92,13 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
   mesh = parallel.make_mesh(config.mesh)
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   checkpoint.check_compatible(checkpoint.read_meta(mgr), config.model.to_dict(), workdir)
+  return mcfg, tok, mesh, mgr
+
+
+def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None) -> Stage:
+  """Builds everything a stage needs, resuming from `workdir` when it has a checkpoint,
+  else starting from `init_from` (a previous stage's checkpoint dir) or from scratch."""
+  mcfg, tok, mesh, mgr = prepare_workdir(config, workdir)
 
   with jax.set_mesh(mesh):
     model = state_lib.create_model(mcfg, config.seed, mesh)
