@@ -141,7 +141,10 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   first_loss = last = None
   for step in range(st.start_step, steps):
     batch = session.put_batch(st.mesh, next(batches))
-    st.state, metrics = step_fn(st.state, batch)
+    # Under the mesh, MoE layers trace as expert-parallel (shard_map + all_to_all) when
+    # mesh.expert > 1; otherwise XLA partitions them automatically.
+    with jax.set_mesh(st.mesh):
+      st.state, metrics = step_fn(st.state, batch)
     if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:
       raise FloatingPointError(
           f"[{stage_name}] {int(st.state.nonfinite_run)} consecutive non-finite steps at step "

@@ -402,3 +402,12 @@ def test_ragged_all_to_all_matches_tiled():
   _close(results[1][0], results[0][0], "ragged a2a output")
   for got, want in zip(results[1][2], results[0][2]):
     _close(got, want, "ragged a2a grads")
+
+
+def test_auto_moe_impl_picks_per_backend(monkeypatch):
+  from r1jax.model import config as config_lib  # pylint: disable=import-outside-toplevel
+  assert config_lib.ModelConfig().moe_impl == "auto"
+  assert config_lib.resolve_moe_impl("ragged") == "ragged"  # an explicit choice is kept
+  for backend, want in (("cpu", "blocked"), ("gpu", "pallas"), ("tpu", "ragged")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert config_lib.resolve_moe_impl("auto") == want

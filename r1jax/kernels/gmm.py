@@ -31,7 +31,9 @@ Two grid plans, because TPU and GPU Pallas differ in what a grid may do:
 The schedule plan accumulates in an fp32 output block in place (no scratch) and casts
 afterwards; the tiles plan accumulates in registers and stores the input dtype.
 
-Only interpret mode is exercised here (CPU); TPU and Triton lowering are untested.
+Tests run interpret mode (CPU). The Triton lowering ("tiles") was compiled and checked
+against ragged_dot on an H200 by bench/kernels.py (values and both gradients, bf16:
+relative error 1.7e-3; timings in bench/RESULTS.md). The Mosaic (TPU) lowering is untested.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ class Options:
   """Static kernel settings; hashable so the custom VJP can close over them."""
   interpret: bool | None = None  # None: interpret when the backend is CPU.
   strategy: str | None = None  # None: "tiles" on GPU, else "schedule".
-  block_m: int = 128
-  block_k: int = 512
-  block_f: int = 512
+  block_m: int | None = None  # None: the strategy's default (DEFAULT_BLOCKS)
+  block_k: int | None = None
+  block_f: int | None = None
+  num_warps: int = 4  # Triton only
+  num_stages: int = 3  # Triton only: software-pipelining depth of the k loop
 
   def resolved(self) -> "Options":
     backend = jax.default_backend()
@@ -65,7 +69,17 @@ class Options:
       raise ValueError(f"gmm strategy={strategy!r}: choose one of {STRATEGIES}")
     if strategy == "schedule" and backend == "gpu" and not interpret:
       raise ValueError("gmm strategy='schedule' needs scalar prefetch, which Triton lacks: use 'tiles' on GPU")
-    return dataclasses.replace(self, interpret=interpret, strategy=strategy)
+    bm, bk, bf = DEFAULT_BLOCKS[strategy]
+    return dataclasses.replace(self, interpret=interpret, strategy=strategy, block_m=self.block_m or bm,
+                               block_k=self.block_k or bk, block_f=self.block_f or bf)
+
+
+# (block_m, block_k, block_f). schedule: Mosaic keeps blocks in VMEM (tens of MiB), so
+# large k and f blocks cut grid steps. tiles: Triton stages the lhs and rhs tiles in
+# shared memory, num_stages deep (227 KiB on an H100/H200): 128x512 + 512x512 bf16 tiles
+# ask for 1.25 MiB and fail to compile. On an H200 (bench/RESULTS.md) 64x64x128 with 4
+# warps and 3 stages beat 128x64x128 (4 or 8 warps); 128x64x256 overflows in tgmm.
+DEFAULT_BLOCKS = {"schedule": (128, 512, 512), "tiles": (64, 64, 128)}
 
 
 def _cdiv(a, b):
@@ -88,7 +102,7 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, pads)
 
 
-def compiler_params(interpret: bool, tpu_semantics):
+def compiler_params(interpret: bool, tpu_semantics, num_warps: int = 4, num_stages: int = 2):
   """Backend compiler params for a pallas_call; None in interpret mode."""
   if interpret:
     return None
@@ -99,7 +113,7 @@ def compiler_params(interpret: bool, tpu_semantics):
     # Without Triton params jax 0.10 lowers pallas_call to Mosaic GPU, which this
     # BlockSpec kernel is not written for.
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   return None
 
 
@@ -307,7 +321,7 @@ def _gmm_tiles(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, out_dty
       in_specs=[whole((m // bm,)), whole((m // bm,)), whole((e,)), whole((e,)),
                 pl.BlockSpec((bm, d), lambda i, j: (i, 0)), rhs_spec],
       out_specs=pl.BlockSpec((bm, bf), lambda i, j: (i, j)),
-      compiler_params=compiler_params(opts.interpret, ("parallel", "parallel")),
+      compiler_params=compiler_params(opts.interpret, ("parallel", "parallel"), opts.num_warps, opts.num_stages),
       interpret=opts.interpret,
       name="gmm_tiles",
   )(first_t, last_t, starts_e, ends_e, lhs_md, rhs)
@@ -339,7 +353,8 @@ def _tgmm_tiles(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, out_dtype, opts):
                 pl.BlockSpec((m, bd), lambda g, i, j: (0, i)),
                 pl.BlockSpec((m, bf), lambda g, i, j: (0, j))],
       out_specs=pl.BlockSpec((None, bd, bf), lambda g, i, j: (g, i, j)),
-      compiler_params=compiler_params(opts.interpret, ("parallel", "parallel", "parallel")),
+      compiler_params=compiler_params(opts.interpret, ("parallel", "parallel", "parallel"), opts.num_warps,
+                                      opts.num_stages),
       interpret=opts.interpret,
       name="tgmm_tiles",
   )(starts_e, ends_e, lhs_md, dout_mf)
@@ -417,23 +432,26 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs_md, rhs_edf, group_sizes_e, *, interpret: bool | None = None, strategy: str | None = None,
-        block_m: int = 128, block_k: int = 512, block_f: int = 512):
+        block_m: int | None = None, block_k: int | None = None, block_f: int | None = None,
+        num_warps: int = 4, num_stages: int = 3):
   """Grouped matmul, the Pallas twin of `jax.lax.ragged_dot(lhs_md, rhs_edf, group_sizes_e)`.
 
   lhs_md [M, D] rows sorted by group; rhs_edf [E, D, F]; group_sizes_e [E] int.
   Returns out_mf [M, F] in the promoted input dtype (fp32 accumulation); rows past
   sum(group_sizes_e) are zero. Differentiable in lhs and rhs (custom VJP: gmm with rhs
   transposed, and tgmm). interpret=None interprets on CPU; strategy=None picks
-  "schedule" (TPU/CPU) or "tiles" (GPU). Blocks are clipped to the array sizes.
+  "schedule" (TPU/CPU) or "tiles" (GPU). Blocks (None: DEFAULT_BLOCKS of the strategy)
+  are clipped to the array sizes; num_warps / num_stages are Triton's.
   """
-  opts = Options(interpret, strategy, block_m, block_k, block_f).resolved()
+  opts = Options(interpret, strategy, block_m, block_k, block_f, num_warps, num_stages).resolved()
   return _gmm(lhs_md, rhs_edf, group_sizes_e.astype(jnp.int32), opts)
 
 
 def tgmm(lhs_md, dout_mf, group_sizes_e, *, interpret: bool | None = None, strategy: str | None = None,
-         block_m: int = 128, block_k: int = 512, block_f: int = 512):
+         block_m: int | None = None, block_k: int | None = None, block_f: int | None = None,
+         num_warps: int = 4, num_stages: int = 3):
   """Transposed grouped matmul: out_edf[e] = lhs_md[rows of e]^T @ dout_mf[rows of e]."""
-  opts = Options(interpret, strategy, block_m, block_k, block_f).resolved()
+  opts = Options(interpret, strategy, block_m, block_k, block_f, num_warps, num_stages).resolved()
   return _tgmm_impl(lhs_md, dout_mf, group_sizes_e.astype(jnp.int32), opts)
 
 

@@ -16,7 +16,20 @@ import dataclasses
 ATTENTION_KINDS = ("gqa", "mla")
 ROPE_KINDS = ("default", "llama3", "yarn")
 ROUTER_KINDS = ("sigmoid", "softmax")
-MOE_IMPLS = ("ragged", "dense", "pallas", "blocked")
+MOE_IMPLS = ("auto", "ragged", "dense", "pallas", "blocked")
+# moe_impl="auto": the fastest correct grouped FFN measured on each backend (bench/RESULTS.md,
+# bench/train_step.py --moe): XLA:CPU expands ragged_dot densely (6.5x slower than
+# blocked in a CPU MoE step); on an H200 the Triton gmm step ran 1.6x blocked and 2.6x
+# ragged; TPUs run ragged_dot natively (megablox-style).
+AUTO_MOE_IMPL = {"cpu": "blocked", "gpu": "pallas", "tpu": "ragged"}
+
+
+def resolve_moe_impl(impl: str) -> str:
+  """The grouped-FFN implementation to trace: `impl`, or the backend's choice for "auto"."""
+  if impl != "auto":
+    return impl
+  import jax  # pylint: disable=import-outside-toplevel
+  return AUTO_MOE_IMPL.get(jax.default_backend(), "ragged")
 EP_ALL_TO_ALL = ("tiled", "ragged")
 DTYPES = ("float32", "bfloat16")
 
@@ -71,7 +84,7 @@ class ModelConfig:
   topk_group: int = 1
   first_k_dense: int = 0
   moe_every: int = 1  # Qwen3-MoE decoder_sparse_step.
-  moe_impl: str = "ragged"
+  moe_impl: str = "auto"  # auto | ragged | pallas | blocked | dense (see resolve_moe_impl)
   capacity_factor: float = 0.0  # 0: drop-less (DeepSeek-V3 drops no tokens).
   # Expert parallelism: "tiled" lax.all_to_all (runs everywhere) or "ragged"
   # lax.ragged_all_to_all (accelerators only; XLA:CPU does not implement it).

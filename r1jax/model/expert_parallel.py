@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax import parallel
 from r1jax.model import moe
-from r1jax.model.config import ModelConfig
+from r1jax.model.config import ModelConfig, resolve_moe_impl
 from r1jax.model.layers import activation
 
 EXPERT_AXIS = "expert"
@@ -149,7 +149,7 @@ def _round_trip(x_pcd, eid_pc, sizes_p, e_local: int, ws, cfg: ModelConfig):
     recv_p = lax.all_to_all(sizes_p, EXPERT_AXIS, 0, 0, tiled=True)
     eid_recv = jnp.where(jnp.arange(cap)[None, :] < recv_p[:, None], eid_recv, e_local)
   y_md, load_e = _local_experts(x_recv.reshape(ep * cap, d), eid_recv.reshape(-1), e_local, *ws,
-                                activation(cfg.hidden_act), cfg.moe_impl)
+                                activation(cfg.hidden_act), resolve_moe_impl(cfg.moe_impl))
   recv_sizes_p = (eid_recv < e_local).sum(-1).astype(jnp.int32)
   return _exchange(y_md.reshape(ep, cap, d), recv_sizes_p, cfg.ep_all_to_all), load_e
 
@@ -208,7 +208,7 @@ def moe_expert_parallel(cfg: ModelConfig, mesh, x_nd, logits_ne, bias_e, forced_
       in_specs=(tokens, tokens, tokens, *forced_spec, P(), w_in, w_in, w_out),
       out_specs=(tokens, tokens, P(EXPERT_AXIS), P()),
       # Pallas (interpret mode) cannot be checked for replication inside shard_map.
-      check_vma=cfg.moe_impl != "pallas")
+      check_vma=resolve_moe_impl(cfg.moe_impl) != "pallas")
   y_nd, experts_nk, load_e, dropped = run(x_nd, logits_ne, valid_n, *args, bias_e,
                                           w_gate_edf, w_up_edf, w_down_efd)
   return y_nd[:n], experts_nk[:n], dict(load=load_e, dropped=dropped)

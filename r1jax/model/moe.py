@@ -9,7 +9,8 @@ dropped. Under a mesh whose `expert` axis is > 1 the MoE runs expert-parallel in
 (`r1jax.model.expert_parallel`: shard_map + all_to_all), with the same routing and the
 same grouped FFN on each device's local experts.
 
-The grouped FFN (`cfg.moe_impl`) on rows sorted by expert:
+The grouped FFN (`cfg.moe_impl`; "auto", the default, picks per backend: blocked on
+CPU, pallas on GPU, ragged on TPU -- `config.resolve_moe_impl`) on rows sorted by expert:
   ragged   lax.ragged_dot. Native on TPU; XLA:CPU expands it into a dense dot over all
            E groups with a row mask, so there it costs (and reports) ~E x the FLOPs.
   pallas   r1jax.kernels.gmm (and the Pallas routing kernel when not replaying).
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from r1jax.model.config import ModelConfig
+from r1jax.model.config import ModelConfig, resolve_moe_impl
 from r1jax.model.layers import MLP, activation, dtype_of, param
 
 
@@ -83,7 +84,7 @@ def route_tokens(cfg: ModelConfig, logits_ne, bias_e, forced_experts_nk=None):
   (routing replay has no selection to fuse, so it always takes `route`)."""
   kw = dict(top_k=cfg.top_k, router=cfg.router, n_group=cfg.n_group, topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
-  if cfg.moe_impl == "pallas" and forced_experts_nk is None:
+  if resolve_moe_impl(cfg.moe_impl) == "pallas" and forced_experts_nk is None:
     from r1jax.kernels import routing  # pylint: disable=import-outside-toplevel
     return routing.route_pallas(logits_ne, bias_e, **kw)
   return route(logits_ne, bias_e, forced_experts_nk=forced_experts_nk, **kw)
@@ -280,10 +281,11 @@ class MoE(nnx.Module):
           cfg, mesh, x_nd, logits_ne, self.bias[...], forced_nk, *ws)
     else:
       weights_nk, experts_nk = route_tokens(cfg, logits_ne, self.bias[...], forced_nk)
-      if cfg.moe_impl == "dense":
+      impl = resolve_moe_impl(cfg.moe_impl)
+      if impl == "dense":
         y_nd = dispatch_dense(x_nd, weights_nk, experts_nk, *ws, act)
       else:
-        y_nd = dispatch_sorted(x_nd, weights_nk, experts_nk, *ws, act, cfg.moe_impl)
+        y_nd = dispatch_sorted(x_nd, weights_nk, experts_nk, *ws, act, impl)
       stats = dict(load=jnp.bincount(experts_nk.reshape(-1), length=cfg.n_experts).astype(jnp.float32),
                    dropped=jnp.zeros((), jnp.int32))
     y_btd = y_nd.reshape(b, t, d).astype(dt)

@@ -173,11 +173,14 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
     adv = np.asarray(grpo.group_advantages(jnp.asarray(r_bg[keep]), rl.adv_mode)).reshape(-1)
     batch["adv"] = adv.astype(np.float32)
     t1 = time.time()
-    if ref is not None:
-      batch["ref_logp"] = np.asarray(ref_logp_fn(ref, st.state.other, batch))
-    t_ref = time.time() - t1
-    t2 = time.time()
-    st.state, metrics = update(st.state, session.put_batch(st.mesh, batch))
+    # The forward passes and the update trace under the mesh, so MoE layers run
+    # expert-parallel when mesh.expert > 1 (the sampler keeps its own partitioning).
+    with jax.set_mesh(st.mesh):
+      if ref is not None:
+        batch["ref_logp"] = np.asarray(ref_logp_fn(ref, st.state.other, batch))
+      t_ref = time.time() - t1
+      t2 = time.time()
+      st.state, metrics = update(st.state, session.put_batch(st.mesh, batch))
     metrics = jax.device_get(metrics)
     t_update = time.time() - t2
     if rl.ref_refresh_every and ref is not None and (step + 1) % rl.ref_refresh_every == 0:

@@ -1,0 +1,138 @@
+"""One GRPO step, split into its phases: rollout, reference log-probs, policy update.
+
+  python bench/grpo_step.py [--size cpu|gpu] [--moe] [--iters 3]
+
+The step is the trainer's own pieces (r1jax/rl/trainer.py): `generate` for the G
+samples of each prompt (with the sampler's log-probs as pi_old), the reference model's
+forward (beta = 0.04, so a frozen reference copy is kept and run), and the jitted
+`make_update` (GRPO loss, AdamW, non-finite guard), buffers donated. Rewards are random
+normals per completion (the model is random; verifiers are benchmarked elsewhere), so
+advantages are non-zero and the update is a real one. Every row decodes all N tokens
+(EOS never drawn).
+
+Sizes: "cpu" is the sampler issue's workload (8 prompts x G = 8, prompt 32, 128 new
+tokens; vocab 512, d_model 256, 4 layers, 4 / 2 heads, head_dim 64, MLP 512, fp32;
+--moe: 8 experts top-2); "gpu" is bench/train_step.py's ~1.1B model in bf16 compute,
+16 prompts x G = 8, prompt 256, 512 new tokens. Reported: seconds per phase (median of
+--iters steps after one warm-up step), tokens/s (generated tokens / step time), update
+and reference-forward MFU (model FLOPs over all prompt + completion positions, 3x and 1x
+forward, r1jax/flops.py) against the matmul ceiling measured in the same run, and peak
+memory (peak RSS on CPU; the update's compiled memory analysis on accelerators). The
+last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import ceilings  # noqa: E402  pylint: disable=wrong-import-position
+from bench.train_step import SIZES as TRAIN_SIZES  # noqa: E402  pylint: disable=wrong-import-position
+from bench.train_step import peak_memory_bytes  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax import flops  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.model.config import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.sampling.sampler import SamplingParams, generate  # noqa: E402  pylint: disable=wrong-import-position
+
+WORKLOADS = {"cpu": dict(prompts=8, group=8, prompt_len=32, new_tokens=128, minibatches=1),
+             # 128 rows x 768 tokens in one update would hold ~200 GiB of logits and
+             # attention; 8 minibatches of 16 rows fit an H200 (one optimizer step each).
+             "gpu": dict(prompts=16, group=8, prompt_len=256, new_tokens=512, minibatches=8)}
+
+
+def model_config(size: str, moe: bool, moe_impl: str | None) -> ModelConfig:
+  spec = TRAIN_SIZES[size]
+  kw = dict(spec["model"], **(spec["moe"] if moe else {}))
+  if moe and moe_impl:
+    kw["moe_impl"] = moe_impl
+  return ModelConfig(**kw)
+
+
+def rl_config(new_tokens: int, group: int, minibatches: int):
+  rl = grpo.default_rl_config()
+  rl.update(beta=0.04, group_size=group, max_new_tokens=new_tokens, mu=1, minibatches=minibatches)
+  return rl
+
+
+def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceiling: dict | None = None) -> dict:
+  cfg = model_config(size, moe, moe_impl)
+  w = WORKLOADS[size]
+  rl = rl_config(w["new_tokens"], w["group"], w["minibatches"])
+  tx = optax.adamw(1e-6, weight_decay=0.1)
+  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0), tx)
+  ref = jax.tree.map(jnp.copy, st.params)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])).astype(np.int32)
+  mask = np.ones_like(ids)
+  params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,))
+  update = jax.jit(make_update(graphdef, tx, rl, w["prompt_len"]), donate_argnums=0)
+  ref_logp = jax.jit(lambda p, o, b: completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature,
+                                                         rl.routing_replay))
+  compiled_update = None
+  phases = []
+  for i in range(iters + 1):  # the first step compiles: not timed
+    t0 = time.perf_counter()
+    out = jax.device_get(generate(graphdef, (st.params, st.other), prompt_ids_bt=ids, prompt_mask_bt=mask,
+                                  rng=jax.random.key(i), group_size=w["group"], params=params))
+    t1 = time.perf_counter()
+    batch = sequence_batch(ids, mask, out, w["group"])
+    rewards = rng.normal(size=(w["prompts"], w["group"])).astype(np.float32)
+    batch["adv"] = np.asarray(grpo.group_advantages(jnp.asarray(rewards), rl.adv_mode)).reshape(-1)
+    batch["ref_logp"] = np.asarray(ref_logp(ref, st.other, batch))
+    t2 = time.perf_counter()
+    device_batch = jax.device_put(batch)
+    if compiled_update is None:
+      compiled_update = update.lower(st, device_batch).compile()
+    st, metrics = compiled_update(st, device_batch)
+    metrics = jax.device_get(metrics)
+    t3 = time.perf_counter()
+    if i:
+      phases.append(dict(rollout=t1 - t0, reference=t2 - t1, update=t3 - t2, total=t3 - t0))
+  med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+  rows = w["prompts"] * w["group"]
+  seq = w["prompt_len"] + w["new_tokens"]
+  generated = int(np.asarray(out["mask"]).sum())
+  ceiling = ceiling or ceilings.measure(dtype=cfg.dtype)
+  peak = ceiling["matmul_flops_per_s"]
+  update_flops = flops.train_flops(cfg, rows * seq, seq)
+  ref_flops = update_flops / 3
+  return dict(size=size, moe=moe, moe_impl=cfg.moe_impl if moe else None, dtype=cfg.dtype, beta=rl.beta, **w,
+              seconds=med, step_s=med["total"], generated_tokens=generated,
+              tokens_per_s=generated / med["total"], rollout_tokens_per_s=generated / med["rollout"],
+              update_mfu=update_flops / med["update"] / peak, reference_mfu=ref_flops / med["reference"] / peak,
+              matmul_flops_per_s=peak, loss=float(metrics["loss"]) if "loss" in metrics else None,
+              peak_memory_bytes=peak_memory_bytes(compiled_update))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="gpu" if jax.default_backend() != "cpu" else "cpu", choices=tuple(WORKLOADS))
+  parser.add_argument("--moe", action="store_true")
+  parser.add_argument("--moe_impl", default=None)
+  parser.add_argument("--iters", type=int, default=3)
+  args = parser.parse_args()
+  r = run(args.size, args.moe, args.moe_impl, args.iters)
+  s = r["seconds"]
+  mem = r["peak_memory_bytes"]
+  print(f"grpo step {'moe/' + r['moe_impl'] if r['moe'] else 'dense'} {r['dtype']} {r['prompts']}x{r['group']} "
+        f"rows, {r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
+        f"reference {s['reference']:.3f} + update {s['update']:.3f}; {r['tokens_per_s']:,.0f} tok/s; "
+        f"update MFU {100 * r['update_mfu']:.1f}%, reference MFU {100 * r['reference_mfu']:.1f}%; "
+        f"peak {mem / 2**30 if mem else float('nan'):.2f} GiB")
+  print(json.dumps(dict(bench="grpo_step", **r)))
+
+
+if __name__ == "__main__":
+  main()
