@@ -70,7 +70,7 @@ def hidden_states(lm: Transformer, tokens_bt, positions_bt, segment_ids_bt):
   x_btd = jnp.take(lm.embed[...], tokens_bt, axis=0).astype(dtype_of(lm.cfg.dtype))
   mask_bts = attention_mask(positions_bt, segment_ids_bt)
   for block in lm.layers:
-    x_btd, _, _ = block(x_btd, positions_bt, mask_bts)
+    x_btd = block(x_btd, positions_bt, mask_bts)[0]
   return lm.final_norm(x_btd)
 
 

@@ -39,6 +39,9 @@ def lm_loss(model, batch, mtp_weight: float = 0.0):
   n = jnp.maximum(mask.sum(), 1.0)
   loss = -(logp * mask).sum() / n
   metrics = dict(nll=loss, tokens=mask.sum())
+  if "balance_loss" in aux:  # complementary sequence-wise balance loss (DeepSeek-V3 eq. 17)
+    metrics["balance_loss"] = aux["balance_loss"]
+    loss = loss + aux["balance_loss"]
   if "mtp_logits" in aux and mtp_weight:
     mtp_losses = []
     for j in range(aux["mtp_logits"].shape[0]):

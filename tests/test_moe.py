@@ -411,3 +411,35 @@ def test_auto_moe_impl_picks_per_backend(monkeypatch):
   for backend, want in (("cpu", "blocked"), ("gpu", "pallas"), ("tpu", "ragged")):
     monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
     assert config_lib.resolve_moe_impl("auto") == want
+
+
+def test_balance_loss_enters_the_training_loss_and_skips_padding():
+  from r1jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
+  base = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=16,
+                     n_experts=8, top_k=2, moe_d_ff=8, init_std=0.3)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 32, size=(2, 6)), jnp.int32)
+  seg = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  batch = dict(tokens=tokens, segment_ids=seg, loss_mask=seg,
+               positions=jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6)))
+  params = nnx.split(Transformer(base, nnx.Rngs(0)), nnx.Param, ...)[1:]
+
+  def run(alpha, batch):
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(base, seq_balance_alpha=alpha),
+                                                            nnx.Rngs(0))), nnx.Param, ...)[0]
+    loss_fn = lambda p: sft.lm_loss(nnx.merge(graphdef, p, params[1]), batch)[0]
+    model = nnx.merge(graphdef, *params)
+    aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])[1]
+    return jax.value_and_grad(loss_fn)(params[0]), aux.get("balance_loss")
+
+  (loss0, grads0), none = run(0.0, batch)
+  (loss1, grads1), bal1 = run(0.01, batch)
+  (_, _), bal2 = run(0.02, batch)
+  assert none is None and float(bal1) > 0
+  np.testing.assert_allclose(float(bal2), 2 * float(bal1), rtol=1e-6)  # linear in alpha
+  np.testing.assert_allclose(float(loss1 - loss0), float(bal1), rtol=1e-5)  # added to the loss
+  router = lambda g: g["layers"][0]["ffn"]["router"][...]
+  assert float(jnp.abs(router(grads1) - router(grads0)).max()) > 0  # and trains the router
+  # Padding is left out: changing a padded token changes nothing.
+  padded = dict(batch, tokens=batch["tokens"].at[0, 5].set((batch["tokens"][0, 5] + 1) % 32))
+  np.testing.assert_allclose(float(run(0.01, padded)[1]), float(bal1), rtol=1e-6)

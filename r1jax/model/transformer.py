@@ -11,6 +11,9 @@ Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_mo
   aux["experts"]: [L_moe, B, T, k] chosen experts (for routing replay), or None.
   aux["cache"]:   the updated cache when one was passed.
   aux["mtp_logits"]: [D_mtp, B, T, V]; depth j at position i predicts token i + j + 2.
+  aux["balance_loss"]: model.seq_balance_alpha x the sequence-wise balance loss summed
+                       over MoE layers (only when alpha > 0; a packed row counts as one
+                       sequence); the pretrain / SFT loss adds it.
 """
 
 from __future__ import annotations
@@ -39,17 +42,20 @@ class Block(nnx.Module):
     self.is_moe = cfg.layer_is_moe(layer)
     self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs)
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, forced_experts_btk=None, rope=None):
+  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, forced_experts_btk=None, rope=None,
+               valid_bt=None):
+    """-> (x_btd, cache, experts_btk or None, balance loss of this layer (0.0 if none))."""
     h, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, rope)
     x_btd = x_btd + h
-    experts = None
+    experts, balance = None, jnp.zeros((), jnp.float32)
     if self.is_moe and cache is not None:
       h, experts = cached_moe(self.ffn, self.ffn_norm(x_btd), forced_experts_btk)
     elif self.is_moe:
-      h, experts = self.ffn(self.ffn_norm(x_btd), forced_experts_btk)
+      h, aux = self.ffn.forward(self.ffn_norm(x_btd), forced_experts_btk, mask_bt=valid_bt)
+      experts, balance = aux["experts"], aux["balance_loss"]
     else:
       h = self.ffn(self.ffn_norm(x_btd))
-    return x_btd + h, cache, experts
+    return x_btd + h, cache, experts, balance
 
 
 class MTPModule(nnx.Module):
@@ -106,14 +112,16 @@ class Transformer(nnx.Module):
       mask = valid[:, None, :] & (slots[None, None, :] <= positions_bt[:, :, None])
       new_layers = []
 
-    experts, moe_i = [], 0
+    experts, moe_i, balance = [], 0, jnp.zeros((), jnp.float32)
     rope = rope_tables(cfg, positions_bt)  # once, shared by every layer
+    valid_bt = segment_ids_bt > 0
     for i, block in enumerate(self.layers):
       forced = None
       if forced_experts is not None and block.is_moe:
         forced = forced_experts[moe_i]
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache, chosen = block(x, positions_bt, mask, layer_cache, forced, rope)
+      x, layer_cache, chosen, layer_balance = block(x, positions_bt, mask, layer_cache, forced, rope, valid_bt)
+      balance = balance + layer_balance
       if cache is not None:
         new_layers.append(layer_cache)
       if chosen is not None:
@@ -121,6 +129,8 @@ class Transformer(nnx.Module):
         moe_i += 1
 
     aux = dict(experts=jnp.stack(experts) if experts else None)
+    if cfg.is_moe and cfg.seq_balance_alpha and cache is None:
+      aux["balance_loss"] = balance  # summed over MoE layers (DeepSeek-V3 eq. 17: per layer)
     if cache is not None:
       aux["cache"] = dict(valid=valid, layers=tuple(new_layers))
     logits = self.head(self.final_norm(x))
@@ -137,7 +147,7 @@ class Transformer(nnx.Module):
       e = jnp.take(self.embed[...], next_tokens, axis=0).astype(dt)
       z = jnp.concatenate([module.hidden_norm(h_btd), module.embed_norm(e)], axis=-1)
       h_btd = jnp.einsum("btc,cd->btd", z, module.proj[...].astype(dt))
-      h_btd, _, _ = module.block(h_btd, positions_bt, mask)
+      h_btd = module.block(h_btd, positions_bt, mask)[0]
       out.append(self.head(module.final_norm(h_btd)))
     return jnp.stack(out)
 
