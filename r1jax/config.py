@@ -104,7 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.max_new_tokens = 40  # the tiny recipe's traces + tags + answer fit in ~30 chars
   # Held-out evaluation: n test examples, k samples each at this temperature (0: greedy,
   # k = 1). pass@1 is the mean over the k samples, as in the R1 paper's evaluation.
-  c.eval = ml_collections.ConfigDict(dict(n=256, k=4, temperature=1.0, every=0))
+  # after_sft: an sft stage also reports held-out pass@1 before and after (like grpo).
+  c.eval = ml_collections.ConfigDict(dict(n=256, k=4, temperature=1.0, every=0, after_sft=False))
+  # Pipeline summary.json extras: "name=STAGE_INDEX.key[.key...],..." copies a value out of a
+  # stage's summary, e.g. "teacher_accuracy=1.final_accuracy" (configs/distill_vs_rl.py).
+  c.summary_keys = ""
   return c
 
 
@@ -248,6 +252,9 @@ def validate(config, n_devices: int | None = None) -> None:
 
   problems += grpo.validate_rl(config.rl)
   problems += _handover_problems(config)
+  if config.rl.slots < 0:
+    problems.append(f"rl.slots={config.rl.slots} must be >= 0 (0: plain batching; N: continuous "
+                    f"batching over N decode rows)")
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")

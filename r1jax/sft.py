@@ -130,8 +130,8 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   template = config.data.template
   trace_fraction = config.data.trace_fraction if stage_name == "pretrain" else 1.0
   batches = packing.training_batches(config, train, st.tokenizer, completion_only, trace_fraction)
-  if st.data_state:
-    batches.set_state(st.data_state)
+  if st.data_state:  # {"batches": iterator state, "base_eval": ...}
+    batches.set_state(st.data_state["batches"])
   eval_batch = session.put_batch(st.mesh, make_batch(
       test[:config.train.batch_size], st.tokenizer, config.train.seq_len, template,
       completion_only, trace_fraction))
@@ -141,6 +141,9 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
                     in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
   log = MetricsLog(workdir, steps, stage_name)
   eval_before = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
+  base_eval = None
+  if config.eval.after_sft and stage_name == "sft":  # kept across resumes in the checkpoint
+    base_eval = (st.data_state or {}).get("base_eval") or _sampling_eval(config, st, test)
   first_loss = last = None
   for step in range(st.start_step, steps):
     batch = session.put_batch(st.mesh, next(batches))
@@ -159,7 +162,7 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
       first_loss = row["loss"] if first_loss is None else first_loss
       last = row["loss"]
     if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
-      st.save(step + 1, batches.get_state())
+      st.save(step + 1, dict(batches=batches.get_state(), base_eval=base_eval))
   log.close()
   eval_after = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
   summary = dict(stage=stage_name, steps=steps, first_logged_loss=first_loss, final_loss=last,
@@ -167,4 +170,23 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
                  data_path=config.data.path, general_path=config.data.general_path,
                  packed=bool(config.data.pack))
   print(f"[{stage_name}] held-out loss {eval_before:.3f} -> {eval_after:.3f}", flush=True)
+  if config.eval.after_sft and stage_name == "sft":
+    summary.update(_accuracy_after(config, st, test, base_eval))
   return summary
+
+
+def _sampling_eval(config, st, test) -> dict:
+  """Held-out pass@1 / cons@k / pass@k of the stage's current weights (as grpo reports)."""
+  from r1jax.eval import evaluate  # pylint: disable=import-outside-toplevel
+  prompt_len = config.train.seq_len - config.rl.max_new_tokens
+  return evaluate(st.graphdef, (st.state.params, st.state.other), st.tokenizer, test[:config.eval.n],
+                  template=config.data.template, prompt_len=prompt_len,
+                  max_new_tokens=config.rl.max_new_tokens, k=config.eval.k,
+                  temperature=config.eval.temperature, seed=config.seed)
+
+
+def _accuracy_after(config, st, test, base_eval) -> dict:
+  final_eval = _sampling_eval(config, st, test)
+  print(f"[sft] pass@1 {base_eval['pass@1']:.3f} -> {final_eval['pass@1']:.3f}", flush=True)
+  return dict(base_accuracy=base_eval["pass@1"], final_accuracy=final_eval["pass@1"],
+              base_eval=base_eval, final_eval=final_eval)

@@ -48,6 +48,10 @@ def run(config) -> dict:
   dirs = [config.workdir if len(names) == 1 else os.path.join(config.workdir, f"{i}_{name}")
           for i, name in enumerate(names)]
   dry = Handover(config.train.init_from)  # a bad init_from spec fails before any stage runs
+  for _, index, _ in parse_summary_keys(config.summary_keys):
+    if index >= len(names):
+      from r1jax import config as config_lib  # pylint: disable=import-outside-toplevel
+      raise config_lib.ConfigError(f"summary_keys names stage {index}, but the run has stages 0..{len(names) - 1}")
   for i, name in enumerate(names):
     dry.record(dry.prepare(*_stage_config(config, name, names[:i].count(name)), name)[0], name,
                dirs[i])
@@ -64,9 +68,35 @@ def run(config) -> dict:
   if with_acc:
     summary["base_accuracy"] = with_acc[0].get("base_accuracy")
     summary["final_accuracy"] = with_acc[-1]["final_accuracy"]
+  summary.update(summary_extras(config.summary_keys, summaries))
   os.makedirs(config.workdir, exist_ok=True)
   checkpoint.write_json(os.path.join(config.workdir, "summary.json"), summary)
   return summary
+
+
+def parse_summary_keys(spec: str) -> list[tuple[str, int, list[str]]]:
+  """"name=INDEX.key.key,..." -> [(name, stage index, key path)]; ConfigError when malformed."""
+  from r1jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  out = []
+  for item in (i.strip() for i in spec.split(",") if i.strip()):
+    name, _, path = item.partition("=")
+    index, *keys = path.split(".")
+    if not name or not index.isdigit() or not keys:
+      raise config_lib.ConfigError(f"summary_keys item {item!r}: write name=STAGE_INDEX.key[.key...], "
+                                   f"e.g. teacher_accuracy=1.final_accuracy")
+    out.append((name, int(index), keys))
+  return out
+
+
+def summary_extras(spec: str, summaries: list[dict]) -> dict:
+  """The values `summary_keys` names, read from the stages' summaries (None if absent)."""
+  extras = {}
+  for name, index, keys in parse_summary_keys(spec):
+    value = summaries[index] if index < len(summaries) else None
+    for key in keys:
+      value = value.get(key) if isinstance(value, dict) else None
+    extras[name] = value
+  return extras
 
 
 POLICY_STAGES = ("pretrain", "sft", "grpo")  # stages whose checkpoints are a policy

@@ -289,6 +289,8 @@ def default_rl_config():
       top_k=0,
       top_p=1.0,
       max_new_tokens=64,         # generation budget; also the 'constant' normaliser
+      slots=0,                   # >0: continuous batching over this many decode rows (refill
+                                 # finished rows; one device); 0: all B*G rows at once
       # Objective.
       adv_mode="group",          # group | none | batch | rloo
       beta=0.001,                # KL coefficient (R1: 0.001); 0 needs no reference model

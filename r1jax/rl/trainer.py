@@ -99,7 +99,8 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
   params = type(params)(**{**params.__dict__, "top_k": rl.top_k})
   out = generate(st.graphdef, (st.state.params, st.state.other), prompt_ids_bt=ids,
-                 prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params)
+                 prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params,
+                 slots=rl.slots or None)
   out = jax.device_get(out)
   texts = completions_of(tok, out)
   g = rl.group_size
