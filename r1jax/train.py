@@ -218,15 +218,29 @@ def _run_stage(config, name: str, workdir: str, init_from: str | None) -> dict:
 
 
 def print_before_after(summary: dict) -> None:
-  """The R1-Zero headline: the base model RL started from against the final policy."""
-  rl = [s for s in summary["stages"] if "base_eval" in s]
-  if not rl:
-    return
-  base, final = rl[0]["base_eval"], rl[-1]["final_eval"]
-  print(f"\nheld-out ({base['n']} questions, k={base['k']}, temperature {base['temperature']})")
-  print(f"{'':<14}{'base':>8}{'after RL':>10}")
-  for key in [k for k in base if k.startswith(("pass@", "cons@"))] + ["format", "mean_length"]:
-    print(f"{key:<14}{base[key]:>8.3f}{final[key]:>10.3f}")
+  """The R1-Zero headline: the model RL started from against the final policy. With
+  several evaluated stages (an R1 pipeline, distillation vs RL), one row per stage, since
+  each starts from its own weights; then the summary_keys figures."""
+  rows = [(i, s) for i, s in enumerate(summary["stages"]) if "base_eval" in s]
+  if len(rows) == 1:
+    base, final = rows[0][1]["base_eval"], rows[0][1]["final_eval"]
+    print(f"\nheld-out ({base['n']} questions, k={base['k']}, temperature {base['temperature']})")
+    print(f"{'':<14}{'base':>8}{'after RL':>10}")
+    for key in [k for k in base if k.startswith(("pass@", "cons@"))] + ["format", "mean_length"]:
+      print(f"{key:<14}{base[key]:>8.3f}{final[key]:>10.3f}")
+  elif rows:
+    first = rows[0][1]["base_eval"]
+    cons = next(k for k in first if k.startswith("cons@"))
+    print(f"\nheld-out ({first['n']} questions, k={first['k']}, temperature {first['temperature']}); "
+          f"each stage from its own starting weights")
+    print(f"{'stage':<22}{'pass@1 before':>14}{'after':>8}{cons + ' after':>13}")
+    for i, s in rows:
+      print(f"{f'{i}_' + s['stage']:<22}{s['base_eval']['pass@1']:>14.3f}{s['final_eval']['pass@1']:>8.3f}"
+            f"{s['final_eval'][cons]:>13.3f}")
+  extras = {k: v for k, v in summary.items() if k not in ("stages", "wall_seconds", "base_accuracy",
+                                                          "final_accuracy")}
+  for key, value in extras.items():
+    print(f"{key:<28}{value:.3f}" if isinstance(value, float) else f"{key:<28}{value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from r1jax import config as config_lib
 from r1jax import memory, parallel, train

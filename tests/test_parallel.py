@@ -1,7 +1,6 @@
 """Sharded == one device: the same loss, gradients and updated parameters on every mesh."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -12,7 +12,6 @@ import pytest
 
 from r1jax import config as config_lib
 from r1jax import rejection, session
-from r1jax.data import tasks
 
 N_PROMPTS = 7
 PROVENANCE = dict(checkpoint="/ckpt/3_grpo/checkpoints", checkpoint_step=12, temperature=1.0)

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 TINY = ["--config.train.batch_size=8", "--config.train.log_every=1", "--config.data.n_train=256",
         "--config.data.n_test=16", "--config.eval.n=16", "--config.rl.group_size=4",
