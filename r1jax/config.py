@@ -252,9 +252,6 @@ def validate(config, n_devices: int | None = None) -> None:
 
   problems += grpo.validate_rl(config.rl)
   problems += _handover_problems(config)
-  if config.rl.slots < 0:
-    problems.append(f"rl.slots={config.rl.slots} must be >= 0 (0: plain batching; N: continuous "
-                    f"batching over N decode rows)")
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")

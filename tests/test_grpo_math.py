@@ -328,13 +328,15 @@ RL_KEYS = {"group_size", "temperature", "top_k", "top_p", "max_new_tokens", "bet
            "eps_low", "eps_high", "dual_clip", "ratio_level", "aggregation", "adv_mode", "mu",
            "minibatches", "ref_refresh_every", "routing_replay", "dynamic_sampling", "oversample",
            "overlong_buffer", "overlong_penalty", "reward_weights", "preset", "reward_timeout",
-           "reward_workers"}
+           "reward_workers", "slots"}
 
 
 def test_default_rl_config_has_every_key_and_validates():
   rl = grpo.default_rl_config()
   assert set(rl.keys()) == RL_KEYS
   assert grpo.validate_rl(rl) == []
+  rl.slots = -1
+  assert any("rl.slots=-1" in p for p in grpo.validate_rl(rl))
 
 
 @pytest.mark.parametrize("name", sorted(grpo.PRESETS))

@@ -380,6 +380,9 @@ def validate_rl(rl) -> list[str]:
   choice("kl_kind", KL_KINDS)
   choice("ratio_level", RATIO_LEVELS)
   choice("aggregation", AGGREGATIONS)
+  if rl.slots < 0:
+    problems.append(f"rl.slots={rl.slots} must be >= 0 (0: plain batching; N: continuous "
+                    f"batching over N decode rows)")
   for key in ("group_size", "max_new_tokens", "mu", "minibatches"):
     if rl[key] < 1:
       problems.append(f"rl.{key}={rl[key]} must be at least 1")
