@@ -13,12 +13,8 @@ student is a fresh Qwen2.5-shaped toy (q/k/v biases, tied embeddings, GQA).
   python -m r1jax.train --config configs/distill_tiny.py
 
 The paper's finding -- distilling a strong teacher beats RL on the small model itself
-(sec. 4.1: distilled Qwen-32B over Qwen-32B-Zero RL) -- is NOT reproduced by this file.
-It would take: a teacher clearly stronger than the student can become by RL (many more
-teacher steps, a harder task such as data.task="countdown"); a second run of the same
-student shape through pretrain -> grpo (R1-Zero) with matched compute; both evaluated
-with `python -m r1jax.eval` (pass@1 over k samples, cons@k) on the same held-out
-split, over several seeds, since tiny models vary a lot from seed to seed.
+(sec. 4.1) -- is reproduced, with matched student FLOPs and several seeds, by
+configs/distill_vs_rl.py (results in the README).
 """
 
 from r1jax.config import default_config

@@ -122,3 +122,45 @@ def test_bad_input_is_refused_without_touching_the_workdir(tmp_path):
   result = _train("--config.stage=pretrain", f"--config.data.path={empty}",
                   f"--config.workdir={tmp_path / 'y'}", *TINY, cwd=tmp_path, check=False)
   assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def _kill_when(proc, ready, timeout=300):
+  """SIGKILLs proc as soon as ready() holds (or fails the test if it never does)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if ready():
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before the kill point: make it longer"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+
+def _steps_saved(ckpts):
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
+
+def test_pipeline_resumes_after_kill_between_and_within_stages(tmp_path):
+  """pretrain -> sft killed (a) as soon as the pretrain stage is complete, before sft has a
+  checkpoint, and (b) inside sft after its first checkpoint; each rerun of the same command
+  finishes with the sft weights of an uninterrupted run, bit for bit."""
+  common = ["--config.stages=pretrain,sft", "--config.per_stage.pretrain=train.steps=8",
+            "--config.per_stage.sft=train.steps=24", "--config.train.checkpoint_every=4", *TINY]
+  _train(*common, f"--config.workdir={tmp_path / 'straight'}", cwd=tmp_path)
+  _, want = _params(tmp_path / "straight" / "1_sft")
+  kill_points = {
+      "between": lambda wd: 8 in _steps_saved(wd / "0_pretrain" / "checkpoints"),
+      "within": lambda wd: len(_steps_saved(wd / "1_sft" / "checkpoints")) >= 1,
+  }
+  for name, ready in kill_points.items():
+    wd = tmp_path / name
+    proc = subprocess.Popen([sys.executable, "-m", "r1jax.train", *common, f"--config.workdir={wd}"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, lambda wd=wd, ready=ready: ready(wd))
+    assert 24 not in _steps_saved(wd / "1_sft" / "checkpoints"), name
+    result = _train(*common, f"--config.workdir={wd}", cwd=tmp_path)
+    assert f"resumed from {wd / '0_pretrain'} at step 8" in result.stdout, name
+    step, got = _params(wd / "1_sft")
+    assert step == 24, name
+    for a, b in zip(want, got):
+      np.testing.assert_array_equal(a, b, err_msg=name)
