@@ -27,6 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import ceilings  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax import memory  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.model.config import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.model.transformer import Transformer  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import SamplingParams, generate  # noqa: E402  pylint: disable=wrong-import-position
@@ -39,13 +40,6 @@ SIZES = {
                 d_ff=8192, dtype="bfloat16"),
 }
 DEFAULT_ROWS = {"cpu": 64, "gpu": 64}
-
-
-def cache_bytes_per_position(cfg: ModelConfig) -> int:
-  c = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
-  if cfg.attention == "mla":
-    return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
-  return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * c
 
 
 def run(size: str, rows: int, prompt_len: int, new_tokens: int, iters: int = 3, ceiling: dict | None = None) -> dict:
@@ -70,7 +64,7 @@ def run(size: str, rows: int, prompt_len: int, new_tokens: int, iters: int = 3, 
   decode_s = max(full_s - one_s, 1e-9)
   steps = new_tokens - 1
   mean_ctx = prompt_len + new_tokens / 2
-  step_bytes = weight_bytes + rows * mean_ctx * cache_bytes_per_position(cfg)
+  step_bytes = weight_bytes + rows * mean_ctx * cfg.n_layers * memory.kv_slot_bytes(cfg)
   ceiling = ceiling or ceilings.measure()
   bw = ceiling["copy_bytes_per_s"]
   tps = rows * steps / decode_s

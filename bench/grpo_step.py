@@ -37,11 +37,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import ceilings  # noqa: E402  pylint: disable=wrong-import-position
-from bench.train_step import SIZES as TRAIN_SIZES  # noqa: E402  pylint: disable=wrong-import-position
-from bench.train_step import peak_memory_bytes  # noqa: E402  pylint: disable=wrong-import-position
+from bench.train_step import model_config, peak_memory_bytes  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax import flops  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax.model.config import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import SamplingParams, generate  # noqa: E402  pylint: disable=wrong-import-position
@@ -50,14 +48,6 @@ WORKLOADS = {"cpu": dict(prompts=8, group=8, prompt_len=32, new_tokens=128, mini
              # 128 rows x 768 tokens in one update would hold ~200 GiB of logits and
              # attention; 8 minibatches of 16 rows fit an H200 (one optimizer step each).
              "gpu": dict(prompts=16, group=8, prompt_len=256, new_tokens=512, minibatches=8)}
-
-
-def model_config(size: str, moe: bool, moe_impl: str | None) -> ModelConfig:
-  spec = TRAIN_SIZES[size]
-  kw = dict(spec["model"], **(spec["moe"] if moe else {}))
-  if moe and moe_impl:
-    kw["moe_impl"] = moe_impl
-  return ModelConfig(**kw)
 
 
 def rl_config(new_tokens: int, group: int, minibatches: int):

@@ -30,8 +30,14 @@ import time
 import numpy as np
 
 
+VOCAB = 512
+
+
 class IdTokenizer:
   """Space-separated integers <-> ids: the prompts are already token ids."""
+
+  def __init__(self, eos: int = 0):
+    self._eos = eos
 
   def encode(self, text, **_):
     return [int(t) for t in text.split()]
@@ -43,14 +49,14 @@ class IdTokenizer:
     return 0  # falsy: tunix then prepends no BOS
 
   def eos_id(self):
-    return 0
+    return self._eos
 
   def pad_id(self):
     return 0
 
 
-def main():
-  ap = argparse.ArgumentParser()
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+  """The workload flags both peer scripts take (bench/sampler.py's defaults)."""
   ap.add_argument("--moe", action="store_true")
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--group", type=int, default=8)
@@ -58,22 +64,32 @@ def main():
   ap.add_argument("--new_tokens", type=int, default=128)
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--seed", type=int, default=0)
+
+
+def qwen3_config(moe: bool):
+  """tunix's Qwen3 at the issue's sizes (module docstring); --moe: 8 experts top-2."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from tunix.models.qwen3 import model as qwen3  # pylint: disable=import-outside-toplevel
+  return qwen3.ModelConfig(
+      num_layers=4, vocab_size=VOCAB, embed_dim=256, hidden_dim=512, num_heads=4, head_dim=64,
+      num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6, use_tied_embedding=False,
+      num_experts=8 if moe else None, num_experts_per_tok=2 if moe else None,
+      dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  add_workload_args(ap)
   ap.add_argument("--serve", action="store_true", help="time one call per 'run' line on stdin")
   args = ap.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tunix.generate import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
   from tunix.models.qwen3 import model as qwen3  # pylint: disable=import-outside-toplevel
 
-  vocab = 512
-  cfg = qwen3.ModelConfig(
-      num_layers=4, vocab_size=vocab, embed_dim=256, hidden_dim=512, num_heads=4, head_dim=64,
-      num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6, use_tied_embedding=False,
-      num_experts=8 if args.moe else None, num_experts_per_tok=2 if args.moe else None,
-      dtype=jnp.float32, param_dtype=jnp.float32)
-  model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(args.seed))
+  vocab = VOCAB
+  model = qwen3.Qwen3(qwen3_config(args.moe), rngs=nnx.Rngs(args.seed))
   cache = sampler_lib.CacheConfig(cache_size=args.prompt_len + args.new_tokens, num_layers=4,
                                   num_kv_heads=2, head_dim=64)
   sampler = sampler_lib.Sampler(model, IdTokenizer(), cache)

@@ -46,42 +46,15 @@ import time
 
 import numpy as np
 
-
-class IdTokenizer:
-  """Space-separated integers <-> ids: the prompts are already token ids."""
-
-  def __init__(self, eos):
-    self._eos = eos
-
-  def encode(self, text, **_):
-    return [int(t) for t in text.split()]
-
-  def decode(self, ids, **_):
-    return " ".join(str(int(i)) for i in ids)
-
-  def bos_id(self):
-    return 0  # falsy: tunix then prepends no BOS
-
-  def eos_id(self):
-    return self._eos  # one past the vocabulary: never sampled
-
-  def pad_id(self):
-    return 0
+from peer_tunix import VOCAB, IdTokenizer, add_workload_args, qwen3_config  # bench/ is sys.path[0]
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--moe", action="store_true")
-  ap.add_argument("--prompts", type=int, default=8)
-  ap.add_argument("--group", type=int, default=8)
-  ap.add_argument("--prompt_len", type=int, default=32)
-  ap.add_argument("--new_tokens", type=int, default=128)
-  ap.add_argument("--iters", type=int, default=3)
-  ap.add_argument("--seed", type=int, default=0)
+  add_workload_args(ap)
   args = ap.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tunix.models.qwen3 import model as qwen3  # pylint: disable=import-outside-toplevel
@@ -89,12 +62,8 @@ def main():
   from tunix.rl.grpo import grpo_learner  # pylint: disable=import-outside-toplevel
   from tunix.rl.rollout import base_rollout  # pylint: disable=import-outside-toplevel
 
-  vocab = 512
-  cfg = qwen3.ModelConfig(
-      num_layers=4, vocab_size=vocab, embed_dim=256, hidden_dim=512, num_heads=4, head_dim=64,
-      num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6, use_tied_embedding=False,
-      num_experts=8 if args.moe else None, num_experts_per_tok=2 if args.moe else None,
-      dtype=jnp.float32, param_dtype=jnp.float32)
+  vocab = VOCAB
+  cfg = qwen3_config(args.moe)
   actor = qwen3.Qwen3(cfg, rngs=nnx.Rngs(args.seed))
   reference = qwen3.Qwen3(cfg, rngs=nnx.Rngs(args.seed))  # same initial weights, own copy
 
@@ -118,7 +87,7 @@ def main():
       rollout_engine="vanilla", offload_to_cpu=False,
       training_config=training_cfg, rollout_config=rollout_cfg)
   cluster = rl_cluster_lib.RLCluster(
-      actor=actor, reference=reference, tokenizer=IdTokenizer(vocab), cluster_config=cluster_cfg)
+      actor=actor, reference=reference, tokenizer=IdTokenizer(eos=vocab), cluster_config=cluster_cfg)
   del actor, reference
 
   algo_cfg = grpo_learner.GRPOConfig(

@@ -56,6 +56,8 @@ die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 say() { echo "[tpu_vm $(date -u +%H:%M:%S)] $*" >&2; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$here/common.sh"  # quote, x
 repo="$(dirname "$here")"
 name="${TPU_NAME:-}"
 zone="${TPU_ZONE:-}"
@@ -140,29 +142,6 @@ if [[ -z "$runtime" ]]; then
 fi
 where=(--zone="$zone")
 [[ -z "$project" ]] || where+=(--project="$project")
-
-# Shell words for "$@": plain when safe, else in single quotes (readable, and what the
-# workers' shell parses back into the same words).
-quote() {
-  local out=() w sq="'" esc="'\\''"
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./=:@,+%^-]+$ ]]; then
-      out+=("$w")
-    else
-      out+=("'${w//$sq/$esc}'")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-# Runs "$@", or prints it under --dry-run.
-x() {
-  if [[ "$dry_run" == 1 ]]; then
-    echo "+ $(quote "$@")"
-  else
-    "$@"
-  fi
-}
 
 # Runs a command line on workers ($1: all, 0, 1-3, ...) with the TPU's ssh.
 on_workers() {

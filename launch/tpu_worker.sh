@@ -33,6 +33,8 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_worker.sh: $*" >&2; exit 2; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$here/common.sh"  # quote, x
 dir="${R1JAX_DIR:-$(dirname "$here")}"
 venv="${R1JAX_VENV:-}"
 python="${R1JAX_PYTHON:-}"
@@ -77,29 +79,6 @@ venv="${venv:-$dir/.venv}"
 python="${python:-$venv/bin/python}"
 log_file="$log_dir/train.log"
 pid_file="$log_dir/train.pid"
-
-# Shell words for "$@": plain when safe, else in single quotes (readable, and what the
-# workers' shell parses back into the same words).
-quote() {
-  local out=() w sq="'" esc="'\\''"
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./=:@,+%^-]+$ ]]; then
-      out+=("$w")
-    else
-      out+=("'${w//$sq/$esc}'")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-# Runs "$@", or prints it under --dry-run.
-x() {
-  if [[ "$dry_run" == 1 ]]; then
-    echo "+ $(quote "$@")"
-  else
-    "$@"
-  fi
-}
 
 # gs://BUCKET/PATH -> BUCKET (empty for other paths).
 bucket_of() {

@@ -82,6 +82,16 @@ def evaluate(graphdef, state, tokenizer, examples, *, template: str, prompt_len:
           "format": float(formatted.mean()), "mean_length": float(lengths.mean())}
 
 
+def evaluate_stage(config, st, examples) -> dict:
+  """`evaluate` of a stage's current weights (a session.Stage) under config.eval, on
+  examples[:eval.n], with the GRPO prompt / generation lengths of config.train / config.rl."""
+  ev = config.eval
+  return evaluate(st.graphdef, (st.state.params, st.state.other), st.tokenizer, examples[:ev.n],
+                  template=config.data.template, prompt_len=config.train.seq_len - config.rl.max_new_tokens,
+                  max_new_tokens=config.rl.max_new_tokens, k=ev.k, temperature=ev.temperature,
+                  seed=config.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
   from r1jax import checkpoint, config as config_lib, session  # pylint: disable=import-outside-toplevel
   from r1jax import optim  # pylint: disable=import-outside-toplevel
@@ -115,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
           FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  ev = config.eval
-  result = evaluate(with_model.graphdef, (with_model.state.params, with_model.state.other),
-                    with_model.tokenizer, examples[:ev.n], template=config.data.template,
-                    prompt_len=config.train.seq_len - config.rl.max_new_tokens,
-                    max_new_tokens=config.rl.max_new_tokens, k=ev.k, temperature=ev.temperature,
-                    seed=config.seed)
+  result = evaluate_stage(config, with_model, examples)
   print(f"{'metric':<12} value")
   for key, value in result.items():
     print(f"{key:<12} {value}")

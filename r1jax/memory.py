@@ -151,6 +151,16 @@ def _per_token_layer_bytes(cfg, tensor: int, moe: bool, c: int) -> float:
   return total
 
 
+def kv_slot_bytes(cfg, tensor: int = 1) -> float:
+  """Sampler cache bytes of one position in one layer, per device: MLA keeps the latent
+  and the RoPE key, GQA K and V (the KV heads split over `tensor` when it divides them)."""
+  c = 2 if cfg.dtype == "bfloat16" else 4
+  if cfg.attention == "mla":
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
+  kv = cfg.n_kv_heads / tensor if cfg.n_kv_heads % tensor == 0 else cfg.n_kv_heads
+  return 2 * kv * cfg.head_dim * c
+
+
 def estimate(config, mesh_shape, params=None) -> dict:
   """Per-device bytes of every term (see the module docstring): an ordered dict of rows
   `name -> bytes` plus `phases` (name -> bytes) and `notes`."""
@@ -197,12 +207,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
     r_roll = math.ceil(sampled * rl.group_size / ways)
     r_prompt = math.ceil(sampled / ways)
     prompt = seq - rl.max_new_tokens
-    if cfg.attention == "mla":
-      slot = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
-    else:
-      kv = cfg.n_kv_heads / tensor if cfg.n_kv_heads % tensor == 0 else cfg.n_kv_heads
-      slot = 2 * kv * cfg.head_dim * c
-    cache = r_roll * seq * (cfg.n_layers * slot + 1)
+    cache = r_roll * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)
     prefill = r_prompt * (heads * prompt * prompt * (8 + c) + prompt * vocab * 4)
     replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
     rows["rollout: KV cache"] = cache

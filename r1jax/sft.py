@@ -115,6 +115,7 @@ def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only
 def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> dict:
   """Runs a next-token stage (`pretrain` or `sft`) to config.train.steps; resumable."""
   from r1jax import optim, packing, session  # pylint: disable=import-outside-toplevel
+  from r1jax.eval import evaluate_stage  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
 
   steps = config.train.steps
@@ -143,7 +144,7 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   eval_before = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))
   base_eval = None
   if config.eval.after_sft and stage_name == "sft":  # kept across resumes in the checkpoint
-    base_eval = (st.data_state or {}).get("base_eval") or _sampling_eval(config, st, test)
+    base_eval = (st.data_state or {}).get("base_eval") or evaluate_stage(config, st, test)
   first_loss = last = None
   for step in range(st.start_step, steps):
     batch = session.put_batch(st.mesh, next(batches))
@@ -171,22 +172,9 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
                  packed=bool(config.data.pack))
   print(f"[{stage_name}] held-out loss {eval_before:.3f} -> {eval_after:.3f}", flush=True)
   if config.eval.after_sft and stage_name == "sft":
-    summary.update(_accuracy_after(config, st, test, base_eval))
+    final_eval = evaluate_stage(config, st, test)
+    print(f"[sft] pass@1 {base_eval['pass@1']:.3f} -> {final_eval['pass@1']:.3f}", flush=True)
+    summary.update(base_accuracy=base_eval["pass@1"], final_accuracy=final_eval["pass@1"],
+                   base_eval=base_eval, final_eval=final_eval)
   return summary
 
-
-def _sampling_eval(config, st, test) -> dict:
-  """Held-out pass@1 / cons@k / pass@k of the stage's current weights (as grpo reports)."""
-  from r1jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-  prompt_len = config.train.seq_len - config.rl.max_new_tokens
-  return evaluate(st.graphdef, (st.state.params, st.state.other), st.tokenizer, test[:config.eval.n],
-                  template=config.data.template, prompt_len=prompt_len,
-                  max_new_tokens=config.rl.max_new_tokens, k=config.eval.k,
-                  temperature=config.eval.temperature, seed=config.seed)
-
-
-def _accuracy_after(config, st, test, base_eval) -> dict:
-  final_eval = _sampling_eval(config, st, test)
-  print(f"[sft] pass@1 {base_eval['pass@1']:.3f} -> {final_eval['pass@1']:.3f}", flush=True)
-  return dict(base_accuracy=base_eval["pass@1"], final_accuracy=final_eval["pass@1"],
-              base_eval=base_eval, final_eval=final_eval)

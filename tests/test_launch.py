@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["tpu_vm.sh", "tpu_worker.sh", "slurm.sbatch"]
+SCRIPTS = ["tpu_vm.sh", "tpu_worker.sh", "slurm.sbatch", "common.sh"]
 
 # gcloud as the scripts use it. Every call is appended to $FAKE/calls.jsonl. The TPU's
 # state lives in $FAKE/state (absent: no TPU); $FAKE/state_queue holds states the next

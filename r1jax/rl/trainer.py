@@ -21,7 +21,7 @@ import numpy as np
 from r1jax import checkpoint, optim, session
 from r1jax import state as state_lib
 from r1jax.data import sources, templates
-from r1jax.eval import completions_of, evaluate, stop_params
+from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.transformer import token_logprobs
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
@@ -143,10 +143,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
       ref = checkpoint.restore_params(os.path.join(workdir, "reference"), ref)
 
   def eval_now():
-    return evaluate(st.graphdef, (st.state.params, st.state.other), tok, test,
-                    template=config.data.template, prompt_len=prompt_len,
-                    max_new_tokens=rl.max_new_tokens, k=config.eval.k,
-                    temperature=config.eval.temperature, seed=config.seed)
+    return evaluate_stage(config, st, test)
 
   base_eval = st.data_state.get("base_eval") or eval_now()
   print(f"[grpo] base model: pass@1={base_eval['pass@1']:.3f} format={base_eval['format']:.3f}",
