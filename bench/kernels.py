@@ -1,7 +1,7 @@
 """The MoE Pallas kernels against their references: correctness first, then speed.
 
   python bench/kernels.py [--shapes 512x64x128x8x2,...] [--iters 5] [--dtype bfloat16]
-                          [--strategy tiles] [--configs 128x64x128x4x3,64x64x128x4x3]
+                          [--strategy visits] [--configs visits:128x64x128x8x3,visits:64x64x128x4x3]
 
 A shape is MxDxFxExk: M tokens routed top-k over E experts gives M*k rows, sorted by
 expert (a random routing: uneven groups, sometimes empty ones), times [E, D, F]
@@ -116,24 +116,31 @@ def time_gmm(m, d, f, e, k, dtype, kernels: dict, iters) -> dict:
   return r
 
 
-def parse_configs(configs: str | None) -> dict:
-  """'128x64x128x4x3,...' (block_m x block_k x block_f x num_warps x num_stages) -> kernels by name."""
+def parse_configs(configs: str | None, strategy: str | None = None) -> dict:
+  """'[strategy:]128x64x128x4x3,...' (block_m x block_k x block_f x num_warps x num_stages)
+  -> gmm keyword arguments by name; a config without a strategy takes --strategy."""
   if not configs:
-    return {"pallas": {}}
+    return {"pallas": dict(strategy=strategy)}
   out = {}
   for c in configs.split(","):
-    bm, bk, bf, w, st = (int(x) for x in c.split("x"))
-    out[f"pallas_{c}"] = dict(block_m=bm, block_k=bk, block_f=bf, num_warps=w, num_stages=st)
+    name, _, blocks = c.rpartition(":")
+    bm, bk, bf, w, st = (int(x) for x in blocks.split("x"))
+    out[f"pallas_{c}"] = dict(strategy=name or strategy, block_m=bm, block_k=bk, block_f=bf, num_warps=w,
+                              num_stages=st)
   return out
 
 
 def run(shapes: str | None = None, dtype: str | None = None, iters: int = 5, strategy=None,
-        configs: str | None = None, seed: int = 1) -> dict:
+        configs: str | None = None, seed: int = 1, routing_tokens: int | None = None) -> dict:
   backend = jax.default_backend()
   dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
   shapes = shapes or DEFAULT_SHAPES["cpu" if backend == "cpu" else "gpu"]
-  settings = parse_configs(configs)
-  kernels = {name: (lambda a, b, gs, kw=kw: gmm_lib.gmm(a, b, gs, strategy=strategy, **kw))
+  if routing_tokens is None:
+    routing_tokens = 4096 if backend != "cpu" else 64
+  routing_check = check_routing(routing_tokens, seed) if routing_tokens else {}
+  print(f"routing: {routing_check}", flush=True)
+  settings = parse_configs(configs, strategy)
+  kernels = {name: (lambda a, b, gs, kw=kw: gmm_lib.gmm(a, b, gs, **kw))
              for name, kw in settings.items()}
   rows = []
   for i, shape in enumerate(shapes.split(",")):
@@ -159,8 +166,7 @@ def run(shapes: str | None = None, dtype: str | None = None, iters: int = 5, str
           f"{row['ragged_fwd_ms']:.3f} / {row['ragged_fwdbwd_ms']:.3f}; rel err out {row['out_rel_err']:.1e} "
           f"dlhs {row['dlhs_rel_err']:.1e} drhs {row['drhs_rel_err']:.1e}", flush=True)
   return dict(bench="kernels", backend=backend, pallas_mode="interpret" if backend == "cpu" else "compiled",
-              dtype=dtype, configs=settings, results=rows,
-              **check_routing(4096 if backend != "cpu" else 64, seed))
+              dtype=dtype, configs=settings, results=rows, **routing_check)
 
 
 def print_table(r: dict) -> None:
@@ -182,6 +188,8 @@ def print_table(r: dict) -> None:
       print(f"  {x['rows']}x{x['d']}x{x['f']} E={x['e']}: " + ", ".join(
           f"{name[7:]} {x[name + '_fwd_ms']:.3f}/{x[name + '_fwdbwd_ms']:.3f} ms" if name + "_fwd_ms" in x
           else f"{name[7:]} failed" for name in r["configs"]))
+  if "route_tokens" not in r:
+    return
   print(f"routing kernel ({r['route_tokens']} tokens, 256 experts top-8, 8 groups): experts equal "
         f"{r['route_experts_equal']}, weights max err {r['route_weights_max_abs_err']:.1e}, "
         f"{r['route_pallas_ms']:.3f} ms vs reference {r['route_reference_ms']:.3f} ms")
@@ -194,10 +202,12 @@ def main():
   parser.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
   parser.add_argument("--strategy", default=None, choices=(None, *gmm_lib.STRATEGIES))
   parser.add_argument("--configs", default=None,
-                      help="Pallas settings to compare, comma-separated block_m x block_k x block_f x "
-                           "num_warps x num_stages (default: the kernel's defaults)")
+                      help="Pallas settings to compare, comma-separated [strategy:]block_m x block_k x "
+                           "block_f x num_warps x num_stages (default: the kernel's defaults)")
+  parser.add_argument("--routing_tokens", type=int, default=None,
+                      help="tokens for the routing-kernel check (0 skips it; default 4096, 64 on CPU)")
   args = parser.parse_args()
-  r = run(args.shapes, args.dtype, args.iters, args.strategy, args.configs)
+  r = run(args.shapes, args.dtype, args.iters, args.strategy, args.configs, routing_tokens=args.routing_tokens)
   print_table(r)
   print(json.dumps(r))
 

@@ -4,6 +4,9 @@ capacity drops; load statistics; bias balancing; group-limited routing; balance 
 import dataclasses
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -443,3 +446,20 @@ def test_balance_loss_enters_the_training_loss_and_skips_padding():
   # Padding is left out: changing a padded token changes nothing.
   padded = dict(batch, tokens=batch["tokens"].at[0, 5].set((batch["tokens"][0, 5] + 1) % 32))
   np.testing.assert_allclose(float(run(0.01, padded)[1]), float(bal1), rtol=1e-6)
+
+
+def test_tracing_moe_imports_nothing_that_changes_the_jit_cache_key():
+  """Importing a Pallas module can define a config that is part of the jit cache key
+  (jax 0.11: pallas.tpu -> fuser adds one). If the model imported its kernels while
+  tracing, the first jitted call would run under a different key than the second, and
+  the second would compile everything again: on an H200 that re-compiled the MoE
+  sampler on its second rollout (+29 s). So the kernels load with r1jax.model."""
+  code = (
+      "from jax._src import config\n"
+      "import r1jax.model.transformer, r1jax.sampling.sampler\n"
+      "n = len(config.trace_context())\n"
+      "import r1jax.kernels.gmm, r1jax.kernels.routing, r1jax.model.expert_parallel\n"
+      "print(n, len(config.trace_context()))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
+  assert out[0] == out[1], f"trace context grew from {out[0]} to {out[1]} values"

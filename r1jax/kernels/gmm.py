@@ -21,19 +21,23 @@ Two grid plans, because TPU and GPU Pallas differ in what a grid may do:
   grid (d tile, f tile, visit) and accumulates each group's masked row tiles into
   that group's [D, F] block. Padded visits repeat the last block index (no copy) and
   are skipped. Traffic and steps grow with n_tiles + E, not n_tiles * E.
-* "tiles" (GPU, Triton): Triton has no scalar prefetch, no scratch, and runs grid
-  programs in parallel, so an output block is owned by one program. gmm: one program
-  per (row tile, f tile) loops over the groups overlapping its tile (range found by
-  the wrapper); tgmm: one program per (group, d tile, f tile) loops over that group's
-  row tiles. Weights are read through a whole-array block with dynamic slices (a
-  pointer on Triton; on TPU that block would have to fit VMEM, so TPU uses "schedule").
+* "visits" (GPU, Triton): Triton has no scalar prefetch and runs grid programs in
+  parallel, but it can mask stores and loads. gmm runs one program per (visit, f tile)
+  of the same visit list: a plain k loop (which Triton software-pipelines) and a masked
+  store of its group's rows, so programs sharing a row tile write disjoint rows and
+  nothing races. tgmm: one program per (group, d tile, f tile) loops over that group's
+  row tiles with masked loads. Operands are whole-array refs indexed with dynamic
+  slices (pointers on Triton; on TPU they would have to fit VMEM, so TPU uses
+  "schedule").
 
 The schedule plan accumulates in an fp32 output block in place (no scratch) and casts
-afterwards; the tiles plan accumulates in registers and stores the input dtype.
+afterwards; the visits plan accumulates in registers and stores the input dtype.
 
-Tests run interpret mode (CPU). The Triton lowering ("tiles") was compiled and checked
+Tests run interpret mode (CPU). The Triton lowering ("visits") was compiled and checked
 against ragged_dot on an H200 by bench/kernels.py (values and both gradients, bf16:
-relative error 1.7e-3; timings in bench/RESULTS.md). The Mosaic (TPU) lowering is untested.
+relative error 1.7e-3; timings in bench/RESULTS.md). It replaced a plan with one
+program per output tile looping over that tile's groups, which was 1.2-1.4x slower
+forward+backward. The Mosaic (TPU) lowering is untested.
 """
 
 from __future__ import annotations
@@ -46,15 +50,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
-STRATEGIES = ("schedule", "tiles")
+STRATEGIES = ("schedule", "visits")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Static kernel settings; hashable so the custom VJP can close over them."""
   interpret: bool | None = None  # None: interpret when the backend is CPU.
-  strategy: str | None = None  # None: "tiles" on GPU, else "schedule".
+  strategy: str | None = None  # None: "visits" on GPU, else "schedule".
   block_m: int | None = None  # None: the strategy's default (DEFAULT_BLOCKS)
   block_k: int | None = None
   block_f: int | None = None
@@ -64,22 +69,23 @@ class Options:
   def resolved(self) -> "Options":
     backend = jax.default_backend()
     interpret = backend == "cpu" if self.interpret is None else self.interpret
-    strategy = self.strategy or ("tiles" if backend == "gpu" else "schedule")
+    strategy = self.strategy or ("visits" if backend == "gpu" else "schedule")
     if strategy not in STRATEGIES:
       raise ValueError(f"gmm strategy={strategy!r}: choose one of {STRATEGIES}")
     if strategy == "schedule" and backend == "gpu" and not interpret:
-      raise ValueError("gmm strategy='schedule' needs scalar prefetch, which Triton lacks: use 'tiles' on GPU")
+      raise ValueError("gmm strategy='schedule' needs scalar prefetch, which Triton lacks: use 'visits' on GPU")
     bm, bk, bf = DEFAULT_BLOCKS[strategy]
     return dataclasses.replace(self, interpret=interpret, strategy=strategy, block_m=self.block_m or bm,
                                block_k=self.block_k or bk, block_f=self.block_f or bf)
 
 
 # (block_m, block_k, block_f). schedule: Mosaic keeps blocks in VMEM (tens of MiB), so
-# large k and f blocks cut grid steps. tiles: Triton stages the lhs and rhs tiles in
+# large k and f blocks cut grid steps. visits: Triton stages the lhs and rhs tiles in
 # shared memory, num_stages deep (227 KiB on an H100/H200): 128x512 + 512x512 bf16 tiles
 # ask for 1.25 MiB and fail to compile. On an H200 (bench/RESULTS.md) 64x64x128 with 4
-# warps and 3 stages beat 128x64x128 (4 or 8 warps); 128x64x256 overflows in tgmm.
-DEFAULT_BLOCKS = {"schedule": (128, 512, 512), "tiles": (64, 64, 128)}
+# warps and 3 stages was fastest forward+backward in 2 of 3 shapes (64x64x256 with 8
+# warps in the third, by 4%); 128x64x256 overflows in tgmm.
+DEFAULT_BLOCKS = {"schedule": (128, 512, 512), "visits": (64, 64, 128)}
 
 
 def _cdiv(a, b):
@@ -112,7 +118,6 @@ def compiler_params(interpret: bool, tpu_semantics, num_warps: int = 4, num_stag
   if backend == "gpu":
     # Without Triton params jax 0.10 lowers pallas_call to Mosaic GPU, which this
     # BlockSpec kernel is not written for.
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   return None
 
@@ -275,88 +280,87 @@ def _tgmm_schedule(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, opts):
   )(tile_v, group_v, starts_e, ends_e, total_1, lhs_md, dout_mf)
 
 
-# ------------------------------------------------------------------- tiles (GPU) plan
+# ------------------------------------------------------------------ visits (GPU) plan
 
-def _gmm_tiles_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref,
-                      *, bk: int, n_k: int, transpose_rhs: bool):
-  """Grid (row tile i, f tile); loops over the groups overlapping tile i."""
-  i = pl.program_id(0)
-  bm, bf = out_ref.shape
+def _gmm_visits_kernel(tile_ref, group_ref, starts_ref, ends_ref, total_ref, lhs_ref, rhs_ref, out_ref,
+                       *, bm: int, bk: int, bf: int, n_k: int, n_groups: int, transpose_rhs: bool):
+  """Grid (visit v, f tile j): one (row tile, group) pair of the visit schedule.
 
-  def group_body(g, acc):
-    start, end = starts_ref[g], ends_ref[g]
+  Each program runs one plain k loop (which Triton software-pipelines) and stores only
+  its group's rows of the tile, with a masked store: programs sharing a tile write
+  disjoint rows, so nothing races and no program loops over groups.
+  """
+  v, j = pl.program_id(0), pl.program_id(1)
+  tile, group = tile_ref[v], group_ref[v]
+  rows, cols = pl.ds(pl.multiple_of(tile * bm, bm), bm), pl.ds(pl.multiple_of(j * bf, bf), bf)
+  mask = _row_mask((bm, bf), tile * bm, starts_ref[group], ends_ref[group])
+  live = v < total_ref[0]
 
-    def k_body(kk, part):
-      cols = pl.ds(kk * bk, bk)
-      rhs = rhs_ref[g, :, cols] if transpose_rhs else rhs_ref[g, cols, :]
-      return part + _dot(lhs_ref[:, cols], rhs, transpose_rhs)
+  @pl.when(live & (group < n_groups))
+  def _matmul():
+    def k_body(kk, acc):
+      ks = pl.ds(pl.multiple_of(kk * bk, bk), bk)
+      rhs = rhs_ref[group, cols, ks] if transpose_rhs else rhs_ref[group, ks, cols]
+      return acc + _dot(lhs_ref[rows, ks], rhs, transpose_rhs)
 
-    def run(acc):
-      part = lax.fori_loop(0, n_k, k_body, jnp.zeros_like(acc))
-      return jnp.where(_row_mask(acc.shape, i * bm, start, end), part, acc)
+    acc = lax.fori_loop(0, n_k, k_body, jnp.zeros((bm, bf), jnp.float32))
+    pltriton.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype), mask=mask)
 
-    return lax.cond(end > start, run, lambda a: a, acc)  # empty experts cost nothing
-
-  acc = lax.fori_loop(first_ref[i], last_ref[i] + 1, group_body, jnp.zeros((bm, bf), jnp.float32))
-  out_ref[...] = acc.astype(out_ref.dtype)
+  @pl.when(live & (group == n_groups))
+  def _tail():  # rows past the last group: zeros, as ragged_dot gives
+    pltriton.store(out_ref.at[rows, cols], jnp.zeros((bm, bf), out_ref.dtype), mask=mask)
 
 
-def _gmm_tiles(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, out_dtype, opts):
+def _gmm_visits(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, out_dtype, opts):
   m, d = lhs_md.shape
   e = rhs.shape[0]
   f = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  tile_start = jnp.arange(m // bm, dtype=jnp.int32) * bm
-  # Groups overlapping a tile: the first ending after its start to the last starting
-  # before its end (empty groups in between are skipped in the kernel).
-  first_t = jnp.searchsorted(ends_e, tile_start, side="right").astype(jnp.int32)
-  last_t = (jnp.searchsorted(starts_e, tile_start + bm, side="left") - 1).astype(jnp.int32)
-  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
-  rhs_spec = (pl.BlockSpec((e, bf, d), lambda i, j: (0, j, 0)) if transpose_rhs
-              else pl.BlockSpec((e, d, bf), lambda i, j: (0, 0, j)))
-  kernel = functools.partial(_gmm_tiles_kernel, bk=bk, n_k=d // bk, transpose_rhs=transpose_rhs)
+  n_tiles, n_visits = m // bm, m // bm + e  # e + 1 groups: at most e boundaries
+  starts_g = jnp.concatenate([starts_e, ends_e[-1:]])  # sentinel group e: rows [total, m)
+  ends_g = jnp.concatenate([ends_e, jnp.full((1,), m, jnp.int32)])
+  tile_v, group_v, total_1 = visit_schedule(starts_g, ends_g, bm, n_tiles, n_visits)
+  kernel = functools.partial(_gmm_visits_kernel, bm=bm, bk=bk, bf=bf, n_k=d // bk, n_groups=e,
+                             transpose_rhs=transpose_rhs)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, f), out_dtype),
-      grid=(m // bm, f // bf),
-      in_specs=[whole((m // bm,)), whole((m // bm,)), whole((e,)), whole((e,)),
-                pl.BlockSpec((bm, d), lambda i, j: (i, 0)), rhs_spec],
-      out_specs=pl.BlockSpec((bm, bf), lambda i, j: (i, j)),
+      grid=(n_visits, f // bf),
       compiler_params=compiler_params(opts.interpret, ("parallel", "parallel"), opts.num_warps, opts.num_stages),
       interpret=opts.interpret,
-      name="gmm_tiles",
-  )(first_t, last_t, starts_e, ends_e, lhs_md, rhs)
+      name="gmm_visits",
+  )(tile_v, group_v, starts_g, ends_g, total_1, lhs_md, rhs)
 
 
-def _tgmm_tiles_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int):
-  """Grid (group g, d tile, f tile); loops over group g's row tiles."""
-  g = pl.program_id(0)
+def _tgmm_visits_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int, bd: int, bf: int):
+  """Grid (group g, d tile i, f tile j); loops over group g's row tiles with masked
+  loads (a neighbour group's rows load as zeros, so even inf * 0 adds nothing)."""
+  g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start, end = starts_ref[g], ends_ref[g]
+  dcols, fcols = pl.ds(pl.multiple_of(i * bd, bd), bd), pl.ds(pl.multiple_of(j * bf, bf), bf)
 
   def body(t, acc):
-    rows = pl.ds(t * bm, bm)
-    return acc + _tgmm_tile(lhs_ref[rows, :], dout_ref[rows, :], t * bm, start, end)
+    rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
+    in_group = _row_mask((bm, 1), t * bm, start, end)
+    lhs = pltriton.load(lhs_ref.at[rows, dcols], mask=jnp.broadcast_to(in_group, (bm, bd)), other=0)
+    dout = pltriton.load(dout_ref.at[rows, fcols], mask=jnp.broadcast_to(in_group, (bm, bf)), other=0)
+    return acc + lax.dot_general(lhs, dout, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
   stop = jnp.where(end > start, _cdiv(end, bm), start // bm)
-  acc = lax.fori_loop(start // bm, stop, body, jnp.zeros(out_ref.shape, jnp.float32))
-  out_ref[...] = acc.astype(out_ref.dtype)
+  acc = lax.fori_loop(start // bm, stop, body, jnp.zeros((bd, bf), jnp.float32))
+  out_ref[g, dcols, fcols] = acc.astype(out_ref.dtype)
 
 
-def _tgmm_tiles(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, out_dtype, opts):
+def _tgmm_visits(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, out_dtype, opts):
   m, d = lhs_md.shape
   f, e = dout_mf.shape[1], starts_e.shape[0]
-  whole = lambda shape: pl.BlockSpec(shape, lambda g, i, j: (0,) * len(shape))
   return pl.pallas_call(
-      functools.partial(_tgmm_tiles_kernel, bm=bm),
+      functools.partial(_tgmm_visits_kernel, bm=bm, bd=bd, bf=bf),
       out_shape=jax.ShapeDtypeStruct((e, d, f), out_dtype),
       grid=(e, d // bd, f // bf),
-      in_specs=[whole((e,)), whole((e,)),
-                pl.BlockSpec((m, bd), lambda g, i, j: (0, i)),
-                pl.BlockSpec((m, bf), lambda g, i, j: (0, j))],
-      out_specs=pl.BlockSpec((None, bd, bf), lambda g, i, j: (g, i, j)),
       compiler_params=compiler_params(opts.interpret, ("parallel", "parallel", "parallel"), opts.num_warps,
                                       opts.num_stages),
       interpret=opts.interpret,
-      name="tgmm_tiles",
+      name="tgmm_visits",
   )(starts_e, ends_e, lhs_md, dout_mf)
 
 
@@ -364,7 +368,7 @@ def _tgmm_tiles(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, out_dtype, opts):
 
 def _plan(m, d, f, opts):
   """Blocks (bm, bk, bf) and the padded sizes they tile exactly."""
-  pow2 = opts.strategy == "tiles"
+  pow2 = opts.strategy == "visits"
   bm = _block(m, opts.block_m, pow2, multiple=16)  # 16: a bf16 sublane tile on TPU
   bk = _block(d, opts.block_k, pow2)
   bf = _block(f, opts.block_f, pow2)
@@ -385,8 +389,8 @@ def _gmm_impl(lhs_md, rhs, group_sizes_e, opts: Options, transpose_rhs: bool):
   rhs = _pad_axis(_pad_axis(rhs.astype(out_dtype), 1, fp if transpose_rhs else dp),
                   2, dp if transpose_rhs else fp)
   starts_e, ends_e = group_bounds(group_sizes_e, m)
-  if opts.strategy == "tiles":
-    out = _gmm_tiles(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, out_dtype, opts)
+  if opts.strategy == "visits":
+    out = _gmm_visits(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, out_dtype, opts)
   else:
     out = _gmm_schedule(lhs_md, rhs, starts_e, ends_e, bm, bk, bf, transpose_rhs, opts)
   return out[:m, :f].astype(out_dtype)
@@ -403,8 +407,8 @@ def _tgmm_impl(lhs_md, dout_mf, group_sizes_e, opts: Options):
   lhs_md = _pad_axis(_pad_axis(lhs_md.astype(dtype), 0, mp), 1, dp)
   dout_mf = _pad_axis(_pad_axis(dout_mf.astype(dtype), 0, mp), 1, fp)
   starts_e, ends_e = group_bounds(group_sizes_e, m)
-  if opts.strategy == "tiles":
-    out = _tgmm_tiles(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, dtype, opts)
+  if opts.strategy == "visits":
+    out = _tgmm_visits(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, dtype, opts)
   else:
     out = _tgmm_schedule(lhs_md, dout_mf, starts_e, ends_e, bm, bd, bf, opts)
     # Empty groups are never visited, so their blocks were never written.
@@ -440,7 +444,7 @@ def gmm(lhs_md, rhs_edf, group_sizes_e, *, interpret: bool | None = None, strate
   Returns out_mf [M, F] in the promoted input dtype (fp32 accumulation); rows past
   sum(group_sizes_e) are zero. Differentiable in lhs and rhs (custom VJP: gmm with rhs
   transposed, and tgmm). interpret=None interprets on CPU; strategy=None picks
-  "schedule" (TPU/CPU) or "tiles" (GPU). Blocks (None: DEFAULT_BLOCKS of the strategy)
+  "schedule" (TPU/CPU) or "visits" (GPU). Blocks (None: DEFAULT_BLOCKS of the strategy)
   are clipped to the array sizes; num_warps / num_stages are Triton's.
   """
   opts = Options(interpret, strategy, block_m, block_k, block_f, num_warps, num_stages).resolved()

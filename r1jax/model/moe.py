@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from r1jax.kernels import gmm as gmm_kernels
 from r1jax.model.config import ModelConfig, resolve_moe_impl
 from r1jax.model.layers import MLP, activation, dtype_of, param
 
@@ -113,7 +114,6 @@ def grouped_ffn(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, act, impl
   if impl == "dense":
     return _masked_dense_ffn(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, act)
   if impl == "pallas":
-    from r1jax.kernels import gmm as gmm_kernels  # pylint: disable=import-outside-toplevel
     gmm = gmm_kernels.gmm
   else:
     gmm = jax.lax.ragged_dot
