@@ -18,6 +18,7 @@ import sys
 import jax
 import numpy as np
 
+from r1jax import parallel
 from r1jax.data import templates
 from r1jax.rl import rewards
 from r1jax.sampling.sampler import SamplingParams, generate
@@ -57,8 +58,11 @@ def evaluate(graphdef, state, tokenizer, examples, *, template: str, prompt_len:
     chunk = examples[start:start + batch_size]
     prompts = [e["prompt"] for e in chunk]
     ids, mask = templates.encode_prompts(prompts, tokenizer, prompt_len, template)
-    out = generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask,
-                   rng=jax.random.fold_in(jax.random.key(seed), start), group_size=k, params=params)
+    # Every process samples the same prompts and reads all rows back (to_host gathers
+    # rows split over hosts), so every host computes the same figures.
+    out = parallel.to_host(generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask,
+                                    rng=jax.random.fold_in(jax.random.key(seed), start),
+                                    group_size=k, params=params))
     texts = completions_of(tokenizer, out)
     rep_prompts = [p for p in prompts for _ in range(k)]
     rep_examples = [e for e in chunk for _ in range(k)]
@@ -130,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
   for key, value in result.items():
     print(f"{key:<12} {value}")
   out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "eval.json")
-  with open(out_path, "w") as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:  # hosts share the folder
+    with open(out_path, "w") as f:
+      json.dump(result, f, indent=2)
   print(json.dumps(result))
   return 0
 

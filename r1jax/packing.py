@@ -170,10 +170,9 @@ class Mixture:
 
   def __init__(self, main, general, batch_size: int, ratio: float, seed: int):
     self.n_general = min(int(round(ratio * batch_size)), batch_size - 1)
-    self.main = sources.make_iterator(sources.from_records(main), batch_size - self.n_general,
-                                      seed=seed)
-    self.general = (sources.make_iterator(sources.from_records(general), self.n_general,
-                                          seed=seed + 1) if self.n_general else None)
+    self.main = session.global_iterator(main, batch_size - self.n_general, seed)
+    self.general = (session.global_iterator(general, self.n_general, seed + 1)
+                    if self.n_general else None)
 
   def __iter__(self):
     return self
@@ -216,13 +215,14 @@ class Batches:
 
 def training_batches(config, train, tokenizer, completion_only: bool, trace_fraction: float):
   """The stage's batch stream: train rows (mixed with data.general_path rows at
-  data.general_ratio), one example a row or packed (data.pack); resumable."""
+  data.general_ratio), one example a row or packed (data.pack); resumable. Its batches
+  are the GLOBAL batch, the same on every process (session.global_iterator)."""
   b, t, template = config.train.batch_size, config.train.seq_len, config.data.template
   general = load_general(config)
   if general:
     source = Mixture(train, general, b, config.data.general_ratio, config.seed)
   else:
-    source = sources.make_iterator(sources.from_records(train), b, seed=config.seed)
+    source = session.global_iterator(train, b, config.seed)
   if not config.data.pack:
     return Batches(source, lambda ex: sft.make_batch(ex, tokenizer, t, template, completion_only,
                                                      trace_fraction))

@@ -121,6 +121,39 @@ def put_host_batch(mesh: Mesh, batch: dict) -> dict:
       batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
 
 
+def put_global_batch(mesh: Mesh, batch: dict) -> dict:
+  """Global arrays under batch_sharding from a GLOBAL batch that every process holds whole
+  (a dict of [B, ...] arrays, identical on every process): each process hands over only its
+  rows host_rows(mesh, B) (put_host_batch). The stage loops feed batches this way: every
+  host reads the same data stream, so an N-process run computes what one process with as
+  many devices does, and its data-iterator state is the same on every host. (A
+  jax.device_put of the whole batch is valid only while every process passes identical
+  values, and copies rows to hosts that do not need them.)
+  """
+  start, stop = host_rows(mesh, len(next(iter(batch.values()))))
+  return put_host_batch(mesh, {k: np.asarray(v)[start:stop] for k, v in batch.items()})
+
+
+def to_host(tree):
+  """Host (numpy) copies of device outputs, whole on every process: jax.device_get, except
+  for arrays split over the devices of several processes (e.g. sharded over batch axes
+  that span hosts: the data-parallel sampler's rows), which jax.device_get refuses. Those
+  are gathered with multihost_utils.process_allgather(tiled=True), whose result for such
+  an array is the global array itself (tiled=False refuses it; for process-local arrays
+  tiled=True would instead concatenate every host's copy, hence the per-leaf test).
+  Fully replicated arrays (metrics' scalars, the trainer's rollouts) are read locally.
+  A collective when something is gathered: every process must call it on the same tree.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+  return jax.tree.map(one, tree)
+
+
 def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
   """Resolves the one -1 axis to the devices left over."""
   sizes = [int(mesh_config[a]) for a in MESH_AXES]

@@ -28,7 +28,6 @@ Shapes: B rows, P pairs (B = 2P: chosen rows, then rejected rows), T length, D m
 from __future__ import annotations
 
 import functools
-import json
 import os
 import zlib
 
@@ -194,8 +193,7 @@ def open_stage(config, workdir: str, tx, init_from: str | None) -> session.Stage
     print(f"[reward_model] resumed from {workdir} at step {start}", flush=True)
   elif init_from:
     print(f"[reward_model] trunk initialised from {init_from}", flush=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  session.write_config(config, workdir)
   return session.Stage(config, "reward_model", workdir, mesh, tok, graphdef, state, tx, mgr,
                        data_state, start)
 
@@ -234,7 +232,7 @@ def score_rows(graphdef, state, rows: list[list[int]], seq_len: int, pad_id: int
     chunk = rows[start:start + batch]
     b = rows_batch(chunk + [chunk[-1]] * (batch - len(chunk)), seq_len, pad_id)
     r = _rewards(graphdef, state, b["tokens"], b["positions"], b["segment_ids"])
-    out.append(np.asarray(r)[:len(chunk)])
+    out.append(parallel.to_host(r)[:len(chunk)])  # split over hosts in a multi-process run
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -249,14 +247,12 @@ def pairwise_accuracy(graphdef, state, pairs, tokenizer, seq_len, template, batc
 def run(config, workdir: str, init_from: str | None = None) -> dict:
   """Trains the reward model for config.train.steps steps; resumable; returns the summary."""
   from r1jax import optim  # pylint: disable=import-outside-toplevel
-  from r1jax.data import sources  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
   steps, t, template = config.train.steps, config.train.seq_len, config.data.template
   tx = optim.make_optimizer(config.optim, steps)
   st = open_stage(config, workdir, tx, init_from)
   train, test = load_pairs(config)
-  it = sources.make_iterator(sources.from_records(train, required=("prompt",)),
-                             config.train.batch_size, seed=config.seed)
+  it = session.global_iterator(train, config.train.batch_size, config.seed, required=("prompt",))
   if st.data_state:
     it.set_state(st.data_state)
   shardings = session.state_shardings(st.state)
@@ -267,7 +263,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   before = accuracy()
   log = MetricsLog(workdir, steps, "reward_model")
   for step in range(st.start_step, steps):
-    batch = session.put_batch(st.mesh, pairs_batch(next(it), st.tokenizer, t, template))
+    batch = parallel.put_global_batch(st.mesh, pairs_batch(next(it), st.tokenizer, t, template))
     st.state, metrics = step_fn(st.state, batch)
     if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:
       raise FloatingPointError(f"[reward_model] {int(st.state.nonfinite_run)} consecutive "

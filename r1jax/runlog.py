@@ -10,6 +10,8 @@ import time
 import jax
 import numpy as np
 
+from r1jax import parallel
+
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
@@ -34,7 +36,8 @@ class MetricsLog:
 
   def write(self, step: int, metrics: dict, show: tuple[str, ...] = ()) -> dict:
     row = {"step": int(step)}
-    for k, v in metrics.items():
+    # Read on every process (to_host may gather across hosts), written by process 0 only.
+    for k, v in parallel.to_host(dict(metrics)).items():
       v = np.asarray(v)
       if v.size == 1:
         row[k] = float(v)

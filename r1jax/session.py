@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
 from r1jax import checkpoint, parallel
 from r1jax import config as config_lib
@@ -112,15 +111,26 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
     params = checkpoint.restore_params(init_from, state.params)
     state = state.replace(params=params)
     print(f"[{name}] initialised from {init_from}", flush=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  write_config(config, workdir)
   return Stage(config, name, workdir, mesh, tok, graphdef, state, tx, mgr, data_state, start)
+
+
+def write_config(config, workdir: str) -> None:
+  """workdir/config.json, from process 0 only: hosts share the workdir."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
 
 
 def state_shardings(state):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def put_batch(mesh, batch: dict) -> dict:
-  return {k: jax.device_put(np.asarray(v), parallel.batch_sharding(mesh, np.ndim(v)))
-          for k, v in batch.items()}
+def global_iterator(records, batch_size: int, seed: int, **source_kwargs):
+  """A resumable grain iterator of GLOBAL batches (lists of batch_size records) over
+  in-memory rows: every process reads the same stream (no per-host shard; the rows are in
+  memory, so that costs only host CPU) and feeds its own rows of each batch with
+  parallel.put_global_batch. Hence the iterator state is the same on every host, and an
+  N-process run is the one-process run on as many devices."""
+  return sources.make_iterator(sources.from_records(records, **source_kwargs), batch_size,
+                               seed=seed, shard_index=0, shard_count=1)

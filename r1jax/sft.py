@@ -114,7 +114,7 @@ def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only
 
 def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> dict:
   """Runs a next-token stage (`pretrain` or `sft`) to config.train.steps; resumable."""
-  from r1jax import optim, packing, session  # pylint: disable=import-outside-toplevel
+  from r1jax import optim, packing, parallel, session  # pylint: disable=import-outside-toplevel
   from r1jax.eval import evaluate_stage  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
 
@@ -133,7 +133,7 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   batches = packing.training_batches(config, train, st.tokenizer, completion_only, trace_fraction)
   if st.data_state:  # {"batches": iterator state, "base_eval": ...}
     batches.set_state(st.data_state["batches"])
-  eval_batch = session.put_batch(st.mesh, make_batch(
+  eval_batch = parallel.put_global_batch(st.mesh, make_batch(
       test[:config.train.batch_size], st.tokenizer, config.train.seq_len, template,
       completion_only, trace_fraction))
 
@@ -147,7 +147,8 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
     base_eval = (st.data_state or {}).get("base_eval") or evaluate_stage(config, st, test)
   first_loss = last = None
   for step in range(st.start_step, steps):
-    batch = session.put_batch(st.mesh, next(batches))
+    # Every process draws the same global batch and puts its own rows on its devices.
+    batch = parallel.put_global_batch(st.mesh, next(batches))
     # Under the mesh, MoE layers trace as expert-parallel (shard_map + all_to_all) when
     # mesh.expert > 1; otherwise XLA partitions them automatically.
     with jax.set_mesh(st.mesh):

@@ -41,7 +41,9 @@ def parse_args(argv: list[str]):
 
 def run(config) -> dict:
   """Runs the configured stage(s); returns the summary dict (also written to disk)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from r1jax import checkpoint, plots  # pylint: disable=import-outside-toplevel
+  main_process = jax.process_index() == 0
   names = ([s.strip() for s in config.stages.split(",") if s.strip()]
            if config.stage == "pipeline" else [config.stage])
   start = time.time()
@@ -60,7 +62,8 @@ def run(config) -> dict:
     stage_config, init_spec = _stage_config(config, name, names[:i].count(name))
     stage_config, init_from = handover.prepare(stage_config, init_spec, name)
     summaries.append(_run_stage(stage_config, name, stage_dir, init_from))
-    summaries[-1].update(init_from=init_from, plots=plots.plot_run(stage_dir))
+    # Hosts share the workdir: process 0 alone writes the plots and the summary.
+    summaries[-1].update(init_from=init_from, plots=plots.plot_run(stage_dir) if main_process else [])
     handover.record(stage_config, name, stage_dir)
   summary = dict(stages=summaries, wall_seconds=time.time() - start)
   # The R1-Zero headline: accuracy of the model RL started from, and where RL ended.
@@ -69,8 +72,9 @@ def run(config) -> dict:
     summary["base_accuracy"] = with_acc[0].get("base_accuracy")
     summary["final_accuracy"] = with_acc[-1]["final_accuracy"]
   summary.update(summary_extras(config.summary_keys, summaries))
-  os.makedirs(config.workdir, exist_ok=True)
-  checkpoint.write_json(os.path.join(config.workdir, "summary.json"), summary)
+  if main_process:
+    os.makedirs(config.workdir, exist_ok=True)
+    checkpoint.write_json(os.path.join(config.workdir, "summary.json"), summary)
   return summary
 
 

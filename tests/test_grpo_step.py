@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from r1jax import config as config_lib
-from r1jax import optim, parallel, session
+from r1jax import optim, parallel
 from r1jax import state as state_lib
 from r1jax.model.config import ModelConfig
 from r1jax.rl import grpo, trainer
@@ -45,7 +45,7 @@ def _update(mesh_shape, replay=True):
   rl.routing_replay = replay
   update = jax.jit(trainer.make_update(graphdef, tx, rl, tp))
   if mesh is not None:
-    batch = session.put_batch(mesh, batch)
+    batch = parallel.put_global_batch(mesh, batch)
   new_state, metrics = update(st, batch)
   return jax.device_get(metrics), new_state
 

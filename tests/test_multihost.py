@@ -72,13 +72,11 @@ def _host_batch(examples):
 
 
 def _gather(tree):
-  """Host numpy copies of (possibly non-fully-addressable) global arrays."""
+  """Host numpy copies of the leaves of (possibly non-fully-addressable) global arrays:
+  parallel.to_host, which the stage loops read device outputs with."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  leaves = jax.tree.leaves(tree)
-  if jax.process_count() == 1:
-    return [np.asarray(x) for x in leaves]
-  return [np.asarray(x) for x in multihost_utils.process_allgather(leaves, tiled=True)]
+  from r1jax import parallel  # pylint: disable=import-outside-toplevel
+  return [np.asarray(x) for x in jax.tree.leaves(parallel.to_host(tree))]
 
 
 def _abstract(state):

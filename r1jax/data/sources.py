@@ -109,6 +109,8 @@ def make_dataset(source: RecordSource, batch_size: int, *, seed: int = 0, shuffl
     shard_index / shard_count: this host's slice; default jax.process_index() /
       jax.process_count(). Every shard gets the same number of rows (the remainder is
       dropped) so all hosts run the same number of steps and none waits on a collective.
+      The stage loops pass 0 / 1 instead: every host reads the global batch and feeds
+      its own rows of it (r1jax.session.global_iterator).
     read_options: grain reader threads / prefetch; default synchronous.
   """
   if shard_index is None or shard_count is None:

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import checkpoint, optim, session
+from r1jax import checkpoint, optim, parallel, session
 from r1jax import state as state_lib
-from r1jax.data import sources, templates
+from r1jax.data import templates
 from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.transformer import token_logprobs
 from r1jax.rl import grpo, rewards
@@ -93,7 +93,12 @@ def make_update(graphdef, tx, rl, prompt_len: int):
 
 
 def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
-  """Samples G completions per example and scores them; host-side numpy results."""
+  """Samples G completions per example and scores them; host-side numpy results.
+
+  Every process samples the same global prompts with the same key (the mesh splits the
+  rows) and reads the whole output back, so rewards, advantages and logged figures are
+  the same on every host (as long as the verifiers are deterministic: a verifier timeout
+  on one host only would make that host's advantages differ)."""
   prompts = [e["prompt"] for e in examples]
   ids, mask = templates.encode_prompts(prompts, tok, prompt_len, st.config.data.template)
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
@@ -101,7 +106,7 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   out = generate(st.graphdef, (st.state.params, st.state.other), prompt_ids_bt=ids,
                  prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params,
                  slots=rl.slots or None)
-  out = jax.device_get(out)
+  out = parallel.to_host(out)
   texts = completions_of(tok, out)
   g = rl.group_size
   rep_prompts = [p for p in prompts for _ in range(g)]
@@ -131,7 +136,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   test = session.load_examples(config, "test")[:config.eval.n]
   n_questions = config.train.batch_size
   n_sampled = math.ceil(rl.oversample * n_questions) if rl.dynamic_sampling else n_questions
-  it = sources.make_iterator(sources.from_records(train), n_sampled, seed=config.seed)
+  it = session.global_iterator(train, n_sampled, config.seed)
   if st.data_state:
     it.set_state(st.data_state["iterator"])
 
@@ -173,13 +178,15 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
     t1 = time.time()
     # The forward passes and the update trace under the mesh, so MoE layers run
     # expert-parallel when mesh.expert > 1 (the sampler keeps its own partitioning).
+    # Each process puts its own rows of the global batch on its devices.
+    batch = parallel.put_global_batch(st.mesh, batch)
     with jax.set_mesh(st.mesh):
       if ref is not None:
-        batch["ref_logp"] = np.asarray(ref_logp_fn(ref, st.state.other, batch))
+        batch["ref_logp"] = jax.block_until_ready(ref_logp_fn(ref, st.state.other, batch))
       t_ref = time.time() - t1
       t2 = time.time()
-      st.state, metrics = update(st.state, session.put_batch(st.mesh, batch))
-    metrics = jax.device_get(metrics)
+      st.state, metrics = update(st.state, batch)
+    metrics = parallel.to_host(metrics)
     t_update = time.time() - t2
     if rl.ref_refresh_every and ref is not None and (step + 1) % rl.ref_refresh_every == 0:
       ref = jax.tree.map(jnp.copy, st.state.params)
@@ -227,6 +234,7 @@ def _select_rows(ro, keep, rows, group_size):
 
 def _save_reference(workdir, step, ref, st):
   mgr = checkpoint.manager(os.path.join(workdir, "reference"), keep=1)
-  checkpoint.save(mgr, step, state_lib.TrainState(
+  # The counters go on the mesh too: orbax refuses host-local arrays with several processes.
+  checkpoint.save(mgr, step, state_lib.replicate_unsharded(state_lib.TrainState(
       step=jnp.asarray(step, jnp.int32), params=ref, other=st.state.other, opt_state={},
-      nonfinite_run=jnp.zeros((), jnp.int32)), {}, st.meta())
+      nonfinite_run=jnp.zeros((), jnp.int32))), {}, st.meta())
