@@ -33,12 +33,15 @@ TRAIN_RULES = (
     ("mlp", "tensor"),
     ("experts", "expert"),
     ("expert_mlp", "tensor"),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # MLA's latent ranks: wq_b / wkv_b ([rank, heads, head_dim], 151 + 67 MB a layer in
+    # fp32 for DeepSeek-V3) would otherwise be whole on every fsdp shard. wq_a / wkv_a
+    # ([embed, rank]) keep fsdp on embed: a mesh axis is used once per array.
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("norm", None),
 )
 # Rollouts: the same, but weights are not split over fsdp.
-SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in TRAIN_RULES)
+SAMPLING_RULES = tuple((name, None if axes == "fsdp" else axes) for name, axes in TRAIN_RULES)
 
 
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

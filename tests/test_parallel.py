@@ -81,6 +81,22 @@ def test_logical_rules_map_to_mesh_axes():
   assert parallel.logical_to_spec(("heads", "mlp"), mesh=mesh) == jax.sharding.PartitionSpec("tensor", None)
 
 
+def test_mla_up_projections_are_split_over_fsdp():
+  """wq_b / wkv_b [rank, heads, head_dim] shard their latent rank over fsdp (no device
+  holds a whole one); wq_a / wkv_a [embed, rank] keep fsdp on embed; rollouts keep both
+  whole over fsdp."""
+  mesh = parallel.make_mesh(dict(data=1, fsdp=2, expert=2, tensor=2))
+  model = state_lib.create_model(MOE_MLA, seed=0, mesh=mesh)
+  attn = model.layers[0].attn
+  P = jax.sharding.PartitionSpec
+  assert attn.wq_b[...].sharding.spec == P("fsdp", "tensor", None)
+  assert attn.wkv_b[...].sharding.spec == P("fsdp", "tensor", None)
+  assert attn.wq_a[...].sharding.spec == P("fsdp", None)
+  assert attn.wkv_a[...].sharding.spec == P("fsdp", None)
+  assert parallel.logical_to_spec(("q_lora", "heads", "head_dim"), parallel.SAMPLING_RULES, mesh) == \
+      P(None, "tensor", None)
+
+
 def test_mesh_shape_resolves_rest_and_rejects_misfits():
   assert parallel.mesh_shape(dict(data=-1, fsdp=2, expert=1, tensor=1), 8) == (4, 2, 1, 1)
   with pytest.raises(ValueError, match="needs 16 devices"):
