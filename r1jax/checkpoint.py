@@ -73,26 +73,40 @@ def write_json(path: str, obj) -> None:
 
 def restore_params(directory: str, params_like):
   """The `params` of the latest checkpoint in `directory`, laid out like `params_like`
-  (an nnx.State with shardings): the hand-over between pipeline stages."""
+  (an nnx.State with shardings): the hand-over between pipeline stages, and the eval CLI.
+
+  Only the parameters are read (not the optimizer state), each straight into its target
+  sharding, so a checkpoint written on another device set (a pod's, read on one host, or
+  the other way round) restores: orbax refuses to reuse the saved shardings there.
+  """
   mgr = manager(directory)
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint to start from")
-  raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  raw_params = raw["params"] if isinstance(raw, dict) else raw.params
-  by_path = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw_params)[0]}
+  saved = ocp.StandardCheckpointer().metadata(os.path.join(mgr.directory, str(step), "state"))
+  saved_params = getattr(saved, "item_metadata", saved)["params"]
+  like_by_path = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(params_like)[0]}
+  saved_keys = set()
 
-  def pick(path, like):
+  def target(path, meta):
     key = _path_key(path)
-    if key not in by_path:
-      raise CheckpointMismatch(f"{directory}: checkpoint has no parameter {key}")
-    value = by_path[key]
-    if tuple(value.shape) != tuple(like.shape):
-      raise CheckpointMismatch(f"{directory}: parameter {key} has shape {value.shape}, "
-                               f"the model expects {like.shape}")
-    return jax.device_put(value.astype(like.dtype), like.sharding)
+    saved_keys.add(key)
+    like = like_by_path.get(key)
+    if like is not None and tuple(meta.shape) != tuple(like.shape):
+      raise CheckpointMismatch(f"{directory}: parameter {key} has shape {tuple(meta.shape)}, "
+                               f"the model expects {tuple(like.shape)}")
+    sharding = like.sharding if like is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
 
-  return jax.tree_util.tree_map_with_path(pick, params_like)
+  item = {"params": jax.tree_util.tree_map_with_path(target, saved_params)}
+  missing = sorted(set(like_by_path) - saved_keys)
+  if missing:
+    raise CheckpointMismatch(f"{directory}: checkpoint has no parameter {missing[0]}")
+  raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  by_path = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw["state"]["params"])[0]}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, like: by_path[_path_key(path)].astype(like.dtype), params_like)
 
 
 def _path_key(path) -> str:
