@@ -24,8 +24,11 @@ Output, in the stage workdir:
 Resumable: prompts in any progress file are skipped; a batch's samples are written and
 synced before its progress lines, and on restart sample rows of prompts without a
 progress line (a kill between the two writes) are dropped, so nothing is duplicated.
-Batches are fixed slices of the host's prompts with a key per batch, so a resumed run
-samples what an uninterrupted one would. Hosts take every process_count()-th prompt.
+Batches are fixed slices of the prompts with a key per batch, so a resumed run samples
+what an uninterrupted one would. With several hosts every host samples every batch
+together (the model is sharded over all of them, so `generate` is one global
+computation with the same inputs on every host), and host h screens and writes the
+prompts k with k % process_count() == h.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from r1jax import checkpoint, session
+from r1jax import checkpoint, parallel, session
 from r1jax.data import templates, tokenizer as tokenizer_lib
 from r1jax.rl import rewards
 
@@ -135,9 +138,9 @@ def make_sampler(config, workdir: str, init_from: str | None, prompt_len: int, m
 
   def sample_fn(prompts, rng):
     ids, mask = templates.encode_prompts(prompts, tok, prompt_len, config.data.template)
-    out = jax.device_get(generate(st.graphdef, (st.state.params, st.state.other),
-                                  prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
-                                  group_size=rj.n_samples, params=params))
+    out = parallel.to_host(generate(st.graphdef, (st.state.params, st.state.other),
+                                    prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
+                                    group_size=rj.n_samples, params=params))
     texts = completions_of(tok, out)
     n_r = np.asarray(out["mask"]).sum(-1)
     last_r = np.asarray(out["tokens"])[np.arange(len(n_r)), np.maximum(n_r - 1, 0)]
@@ -171,7 +174,9 @@ def run(config, workdir: str, init_from: str | None = None, sample_fn=None,
       too_long += 1  # the prompt budget is train.seq_len - max_new_tokens
       continue
     unique.setdefault(prompt_id(e), e)
-  mine = list(unique.items())[host::n_hosts]
+  prompts = list(unique.items())
+  mine = prompts[host::n_hosts]
+  owner = {pid: k % n_hosts for k, (pid, _) in enumerate(prompts)}
 
   data_dir = os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
@@ -181,32 +186,37 @@ def run(config, workdir: str, init_from: str | None = None, sample_fn=None,
   done = {r["prompt_id"] for r in _read_progress(workdir)}
   _clean_jsonl(progress_path, lambda r: "prompt_id" in r)
   _clean_jsonl(out_path, lambda r: r.get("prompt_id") in done)
+  if n_hosts > 1:  # every host decides which batches to skip from the same files
+    barrier()
+    done = {r["prompt_id"] for r in _read_progress(workdir)}
+    barrier()
   if sample_fn is None:
     sample_fn, provenance = make_sampler(config, workdir, init_from, prompt_len, max_new)
   provenance = dict(provenance or {})
 
   bs = rj.batch_prompts
-  batches = [mine[k:k + bs] for k in range(0, len(mine), bs)]
-  key = jax.random.fold_in(jax.random.key(config.seed), host)
+  batches = [prompts[k:k + bs] for k in range(0, len(prompts), bs)]
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
   log = MetricsLog(workdir, len(batches), "rejection_sampling")
   n_done_before = sum(pid in done for pid, _ in mine)
   print(f"[rejection_sampling] host {host}/{n_hosts}: {len(mine)} prompts "
         f"({n_done_before} already done), {rj.n_samples} samples each -> {out_path}", flush=True)
   start = time.time()
   for b, batch in enumerate(batches):
-    todo = [i for i, (pid, _) in enumerate(batch) if pid not in done]
-    if not todo:
+    if all(pid in done for pid, _ in batch):  # the same decision on every host
       continue
+    todo = [i for i, (pid, _) in enumerate(batch) if pid not in done and owner[pid] == host]
     # A full batch every call (the last one padded with repeats): one compiled shape.
     padded = batch + [batch[-1]] * (bs - len(batch))
     texts, truncated = sample_fn([e["prompt"] for _, e in padded], jax.random.fold_in(key, b))
+    if not todo:  # this host sampled with the others but owns none of these prompts
+      continue
     n = rj.n_samples
-    results = screen([e for _, e in batch], texts[:len(batch) * n], truncated[:len(batch) * n],
-                     n, rj)
+    rows_of = lambda seq: [x for i in todo for x in seq[i * n:(i + 1) * n]]  # this host's prompts
+    results = screen([batch[i][1] for i in todo], rows_of(texts), rows_of(truncated), n, rj)
     rows, progress = [], []
-    for i in todo:
+    for i, (kept, reasons) in zip(todo, results):
       pid, example = batch[i]
-      kept, reasons = results[i]
       rows += [sample_row(example, pid, j, r, a, s, provenance) for j, r, a, s in kept]
       progress.append(dict(prompt_id=pid, task=example.get("task", ""), samples=n,
                            kept=len(kept), reasons=dict(reasons)))
@@ -214,7 +224,7 @@ def run(config, workdir: str, init_from: str | None = None, sample_fn=None,
     _append_jsonl(progress_path, progress)
     done.update(p["prompt_id"] for p in progress)
     n_kept = sum(p["kept"] for p in progress)
-    log.write(b + 1, dict(kept_fraction=n_kept / (n * len(progress)), kept=n_kept,
+    log.write(b + 1, dict(kept_fraction=n_kept / (n * max(len(progress), 1)), kept=n_kept,
                           prompts_done=sum(pid in done for pid, _ in mine),
                           prompts_per_s=len(progress) / max(time.time() - start, 1e-9)),
               show=("prompts_done", "kept_fraction"))

@@ -1,5 +1,6 @@
 """Rejection sampling: only verified, readable, distinct samples are kept and written
-with their provenance; a killed run resumes without duplicating; hosts split prompts.
+with their provenance; a killed run resumes without duplicating; hosts sample together
+and split the writing.
 
 A scripted sampler stands in for the model (the stage's model path runs in
 tests/test_r1_pipeline.py), so every filter sees a known completion.
@@ -7,7 +8,9 @@ tests/test_r1_pipeline.py), so every filter sees a known completion.
 
 import json
 import os
+import threading
 
+import jax
 import pytest
 
 from r1jax import config as config_lib
@@ -57,11 +60,12 @@ def _scripted(config, calls):
   return sample_fn
 
 
+def _read(path):
+  return [json.loads(l) for l in path.read_text().splitlines()]
+
+
 def _rows(workdir):
-  rows = []
-  for name in sorted(os.listdir(workdir / "data")):
-    rows += [json.loads(l) for l in (workdir / "data" / name).read_text().splitlines()]
-  return rows
+  return [r for name in sorted(os.listdir(workdir / "data")) for r in _read(workdir / "data" / name)]
 
 
 def test_keeps_only_verified_readable_distinct_samples_with_provenance(tmp_path):
@@ -134,18 +138,47 @@ def test_resume_after_a_kill_does_not_duplicate(tmp_path):
   assert summary["prompts"] == N_PROMPTS and summary["kept"] == len(want)
 
 
-def test_hosts_split_prompts_and_write_one_file_each(tmp_path, monkeypatch):
-  config = _config(tmp_path)
-  monkeypatch.setattr(rejection, "barrier", lambda: None)
-  seen = []
-  for host in (0, 1):
-    monkeypatch.setattr(rejection, "hosts", lambda host=host: (host, 2))
-    calls = []
-    summary = rejection.run(config, str(tmp_path), sample_fn=_scripted(config, calls),
-                            provenance=PROVENANCE)
-    seen.append({p for call in calls for p in call})
-  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == N_PROMPTS
-  files = sorted(os.listdir(tmp_path / "data"))
+def test_hosts_sample_together_and_write_their_own_prompts(tmp_path, monkeypatch):
+  """With several hosts, `generate` is one global computation, so every host must call
+  the sampler with the same prompts and key, batch after batch; each host then screens
+  and writes only its own prompts. Together they write what one host writes alone."""
+  single = tmp_path / "single"
+  rejection.run(_config(single), str(single), sample_fn=_scripted(_config(single), []),
+                provenance=PROVENANCE)
+  multi = tmp_path / "multi"
+  config = _config(multi)
+  # The two hosts run as threads that meet at rejection.barrier, as processes would.
+  meet, local = threading.Barrier(2, timeout=60), threading.local()
+  monkeypatch.setattr(rejection, "barrier", meet.wait)
+  monkeypatch.setattr(rejection, "hosts", lambda: (local.host, 2))
+  calls_by_host, summaries, errors = [[], []], [None, None], []
+
+  def host_main(host):
+    local.host = host
+    inner = _scripted(config, [])
+
+    def sample_fn(prompts, rng):
+      calls_by_host[host].append((list(prompts), jax.random.key_data(rng).tolist()))
+      return inner(prompts, rng)
+
+    try:
+      summaries[host] = rejection.run(config, str(multi), sample_fn=sample_fn, provenance=PROVENANCE)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      meet.abort()
+
+  threads = [threading.Thread(target=host_main, args=(h,)) for h in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  summary = summaries[1]
+  assert calls_by_host[0] == calls_by_host[1] and calls_by_host[0]
+  files = sorted(os.listdir(multi / "data"))
   assert files == ["samples-00000-of-00002.jsonl", "samples-00001-of-00002.jsonl"]
+  per_host = [{r["prompt_id"] for r in _read(multi / "data" / f)} for f in files]
+  assert per_host[0] and per_host[1] and not per_host[0] & per_host[1]
   assert summary["prompts"] == N_PROMPTS  # the last host's summary covers every host
-  assert len({r["prompt_id"] for r in _rows(tmp_path)}) == N_PROMPTS
+  key = lambda r: (r["prompt_id"], r["sample_index"], r["solution"], r["answer"])
+  assert sorted(map(key, _rows(multi))) == sorted(map(key, _rows(single)))
