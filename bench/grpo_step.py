@@ -1,6 +1,6 @@
 """One GRPO step, split into its phases: rollout, reference log-probs, policy update.
 
-  python bench/grpo_step.py [--size cpu|gpu] [--moe] [--iters 3]
+  python bench/grpo_step.py [--size cpu|gpu] [--moe] [--iters 3] [--devices N]
 
 The step is the trainer's own pieces (r1jax/rl/trainer.py): `generate` for the G
 samples of each prompt (with the sampler's log-probs as pi_old), the reference model's
@@ -19,6 +19,11 @@ and reference-forward MFU (model FLOPs over all prompt + completion positions, 3
 forward, r1jax/flops.py) against the matmul ceiling measured in the same run, and peak
 memory (peak RSS on CPU; the update's compiled memory analysis on accelerators). The
 last line printed is one JSON object.
+
+--devices N (CPU, N > 1) makes XLA treat the CPU as N devices and runs the step
+data-parallel on a (data = N) mesh, as the trainer would: rollouts split by prompt,
+the reference forward and the update split by row (gradients all-reduced). That is how
+r1jax uses several cores in one process; the default, 1, is one device like the peer.
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import cpu_devices  # noqa: E402  pylint: disable=wrong-import-position
+
+if __name__ == "__main__":
+  cpu_devices.set_from_argv()
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+import optax  # noqa: E402  pylint: disable=wrong-import-position
+
 from bench import ceilings  # noqa: E402  pylint: disable=wrong-import-position
 from bench.train_step import model_config, peak_memory_bytes  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax import flops  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax import flops, parallel  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch  # noqa: E402  pylint: disable=wrong-import-position
@@ -61,7 +71,10 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
   w = WORKLOADS[size]
   rl = rl_config(w["new_tokens"], w["group"], w["minibatches"])
   tx = optax.adamw(1e-6, weight_decay=0.1)
-  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0), tx)
+  # More than one device (CPU --devices N): data-parallel on a (data = N) mesh.
+  mesh = (parallel.make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1)) if jax.device_count() > 1
+          else None)
+  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0, mesh=mesh), tx)
   ref = jax.tree.map(jnp.copy, st.params)
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])).astype(np.int32)
@@ -75,14 +88,19 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
   for i in range(iters + 1):  # the first step compiles: not timed
     t0 = time.perf_counter()
     out = jax.device_get(generate(graphdef, (st.params, st.other), prompt_ids_bt=ids, prompt_mask_bt=mask,
-                                  rng=jax.random.key(i), group_size=w["group"], params=params))
+                                  rng=jax.random.key(i), group_size=w["group"], params=params, mesh=mesh))
     t1 = time.perf_counter()
     batch = sequence_batch(ids, mask, out, w["group"])
     rewards = rng.normal(size=(w["prompts"], w["group"])).astype(np.float32)
     batch["adv"] = np.asarray(grpo.group_advantages(jnp.asarray(rewards), rl.adv_mode)).reshape(-1)
-    batch["ref_logp"] = np.asarray(ref_logp(ref, st.other, batch))
+    if mesh is None:
+      batch["ref_logp"] = np.asarray(ref_logp(ref, st.other, batch))
+      device_batch = jax.device_put(batch)
+    else:  # the trainer's way: rows split over the mesh, reference output kept there
+      device_batch = parallel.put_global_batch(mesh, batch)
+      with jax.set_mesh(mesh):
+        device_batch["ref_logp"] = jax.block_until_ready(ref_logp(ref, st.other, device_batch))
     t2 = time.perf_counter()
-    device_batch = jax.device_put(batch)
     if compiled_update is None:
       compiled_update = update.lower(st, device_batch).compile()
     st, metrics = compiled_update(st, device_batch)
@@ -99,6 +117,7 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
   update_flops = flops.train_flops(cfg, rows * seq, seq)
   ref_flops = update_flops / 3
   return dict(size=size, moe=moe, moe_impl=cfg.moe_impl if moe else None, dtype=cfg.dtype, beta=rl.beta, **w,
+              devices=jax.device_count(),
               seconds=med, step_s=med["total"], generated_tokens=generated,
               tokens_per_s=generated / med["total"], rollout_tokens_per_s=generated / med["rollout"],
               update_mfu=update_flops / med["update"] / peak, reference_mfu=ref_flops / med["reference"] / peak,
@@ -112,11 +131,13 @@ def main():
   parser.add_argument("--moe", action="store_true")
   parser.add_argument("--moe_impl", default=None)
   parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--devices", type=int, default=1, help="CPU: simulated devices, run data-parallel")
   args = parser.parse_args()
   r = run(args.size, args.moe, args.moe_impl, args.iters)
   s = r["seconds"]
   mem = r["peak_memory_bytes"]
-  print(f"grpo step {'moe/' + r['moe_impl'] if r['moe'] else 'dense'} {r['dtype']} {r['prompts']}x{r['group']} "
+  print(f"grpo step {'moe/' + r['moe_impl'] if r['moe'] else 'dense'} {r['dtype']} {r['devices']} device(s) "
+        f"{r['prompts']}x{r['group']} "
         f"rows, {r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
         f"reference {s['reference']:.3f} + update {s['update']:.3f}; {r['tokens_per_s']:,.0f} tok/s; "
         f"update MFU {100 * r['update_mfu']:.1f}%, reference MFU {100 * r['reference_mfu']:.1f}%; "

@@ -44,18 +44,11 @@ import sys
 import time
 
 # XLA reads the device count when JAX starts: --devices must be applied before the import.
-def _devices_arg(argv) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg == "--devices" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith("--devices="):
-      return arg.split("=", 1)[1]
-  return None
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import cpu_devices  # noqa: E402  pylint: disable=wrong-import-position
 
-
-if __name__ == "__main__" and _devices_arg(sys.argv):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_devices_arg(sys.argv)}").strip()
+if __name__ == "__main__":
+  cpu_devices.set_from_argv()
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
