@@ -29,6 +29,7 @@ r1jax uses several cores in one process; the default, 1, is one device like the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -101,8 +102,9 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
       with jax.set_mesh(mesh):
         device_batch["ref_logp"] = jax.block_until_ready(ref_logp(ref, st.other, device_batch))
     t2 = time.perf_counter()
-    if compiled_update is None:
-      compiled_update = update.lower(st, device_batch).compile()
+    if compiled_update is None:  # traced under the mesh, as the trainer does (MoE dispatch per device)
+      with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        compiled_update = update.lower(st, device_batch).compile()
     st, metrics = compiled_update(st, device_batch)
     metrics = jax.device_get(metrics)
     t3 = time.perf_counter()

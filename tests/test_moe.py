@@ -87,7 +87,8 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("mesh_shape,impl", [
     ((1, 1, 8, 1), "ragged"), ((1, 2, 2, 2), "ragged"), ((2, 1, 4, 1), "blocked"),
-    ((1, 2, 2, 2), "pallas")])
+    ((1, 2, 2, 2), "pallas"),
+    ((4, 2, 1, 1), "blocked")])  # expert = 1: data-parallel, each device dispatches its own tokens
 def test_expert_parallel_matches_dense_reference(mesh_shape, impl):
   cfg = dataclasses.replace(MOE, moe_impl=impl)
   mesh = _mesh(mesh_shape)
@@ -181,8 +182,10 @@ def test_bucket_slots_keeps_token_order_and_skips_padding():
 
 def test_expert_mesh_comes_from_the_context_or_the_module():
   assert expert_parallel.expert_mesh() is None
-  with jax.set_mesh(_mesh((8, 1, 1, 1))):
-    assert expert_parallel.expert_mesh() is None  # no expert axis > 1: no EP
+  with jax.set_mesh(_mesh((8, 1, 1, 1))):  # data-parallel: per-device dispatch, no exchange
+    assert expert_parallel.expert_mesh().shape["data"] == 8
+  with jax.set_mesh(_mesh((1, 1, 1, 8))):  # tokens not split: XLA partitions the layer
+    assert expert_parallel.expert_mesh() is None
   mesh = _mesh((2, 1, 4, 1))
   with jax.set_mesh(mesh):
     assert expert_parallel.expert_mesh().shape["expert"] == 4

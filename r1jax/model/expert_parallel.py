@@ -28,7 +28,12 @@ Capacity C (rows each device sends each device) is static:
 an accelerator option and "tiled" (which runs everywhere) is the default.
 
 The mesh: `expert_mesh(explicit)` returns the explicit mesh or the one in context at
-trace time (`jax.set_mesh`), and only when its `expert` axis is > 1.
+trace time (`jax.set_mesh`), when its batch axes (data / fsdp / expert) split the
+tokens. With expert = 1 the same shard_map runs plain data parallelism: each device
+routes, sorts and computes its own tokens with every expert (no exchange). Left to
+XLA's partitioner instead, the sort by expert gathered all devices' tokens: a data = 2
+MoE GRPO update on CPU took 5.03 s that way and 3.27 s this way (bench/grpo_step.py
+--moe --devices 2).
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ EXPERT_AXIS = "expert"
 
 
 def expert_mesh(mesh=None):
-  """The mesh to run expert-parallel on, or None: `mesh` if given, else the mesh set
-  by `jax.set_mesh` (seen while tracing), when its `expert` axis is larger than 1."""
+  """The mesh to run the routed experts on per device (see the module docstring), or
+  None: `mesh` if given, else the mesh set by `jax.set_mesh` (seen while tracing), when
+  a batch axis (data / fsdp / expert) is larger than 1."""
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   if mesh is None or mesh.empty or EXPERT_AXIS not in mesh.axis_names:
     return None
-  return mesh if mesh.shape[EXPERT_AXIS] > 1 else None
+  sharded = [a for a in parallel.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
+  return mesh if sharded else None
 
 
 def capacity(n_local: int, top_k: int, e_local: int, ep: int, capacity_factor: float) -> int:
@@ -90,6 +97,8 @@ def _exchange(x_pc, sizes_p, mode: str):
   """Bucket p of [ep, C, ...] to device p over `expert`; returns [ep, C, ...] with row
   block q from device q. sizes_p: filled rows per bucket (used by "ragged" only)."""
   ep, c = x_pc.shape[:2]
+  if ep == 1:  # data-parallel only: every slot stays on its device
+    return x_pc
   flat = x_pc.reshape(ep * c, *x_pc.shape[2:])
   if mode == "ragged":
     recv_p = lax.all_to_all(sizes_p, EXPERT_AXIS, 0, 0, tiled=True)
@@ -145,7 +154,7 @@ def _round_trip(x_pcd, eid_pc, sizes_p, e_local: int, ws, cfg: ModelConfig):
   ep, cap, d = x_pcd.shape
   x_recv = _exchange(x_pcd, sizes_p, cfg.ep_all_to_all)
   eid_recv = _exchange(eid_pc, sizes_p, cfg.ep_all_to_all)
-  if cfg.ep_all_to_all == "ragged":  # rows past a sender's count arrive as 0, not "empty"
+  if cfg.ep_all_to_all == "ragged" and ep > 1:  # rows past a sender's count arrive as 0, not "empty"
     recv_p = lax.all_to_all(sizes_p, EXPERT_AXIS, 0, 0, tiled=True)
     eid_recv = jnp.where(jnp.arange(cap)[None, :] < recv_p[:, None], eid_recv, e_local)
   y_md, load_e = _local_experts(x_recv.reshape(ep * cap, d), eid_recv.reshape(-1), e_local, *ws,
@@ -160,10 +169,10 @@ def _axes(mesh, cfg: ModelConfig, rules):
   batch = parallel.logical_to_spec(("batch",), rules, mesh)[0]
   batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
   experts = parallel.logical_to_spec(("experts",), rules, mesh)[0]
-  if experts != EXPERT_AXIS:
+  ep = mesh.shape[EXPERT_AXIS]
+  if ep > 1 and experts != EXPERT_AXIS:
     raise ValueError(f"expert parallelism needs the logical axis 'experts' on the mesh axis "
                      f"{EXPERT_AXIS!r}; the rules map it to {experts!r}")
-  ep = mesh.shape[EXPERT_AXIS]
   if cfg.n_experts % ep:
     raise ValueError(f"model.n_experts={cfg.n_experts} must be divisible by mesh.expert={ep} "
                      f"for expert parallelism")
@@ -196,7 +205,8 @@ def moe_expert_parallel(cfg: ModelConfig, mesh, x_nd, logits_ne, bias_e, forced_
     forced_nk = pad_rows(forced_nk)
 
   tokens = P(batch_axes or None)
-  w_in, w_out = P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, tensor, None)
+  experts = EXPERT_AXIS if ep > 1 else None  # ep = 1: every device holds every expert
+  w_in, w_out = P(experts, None, tensor), P(experts, tensor, None)
   body = functools.partial(_per_device, cfg=cfg, ep=ep, batch_axes=batch_axes, tensor_axis=tensor)
   if forced_nk is None:
     body = functools.partial(_no_forced, body)
