@@ -149,8 +149,8 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   for step in range(st.start_step, steps):
     # Every process draws the same global batch and puts its own rows on its devices.
     batch = parallel.put_global_batch(st.mesh, next(batches))
-    # Under the mesh, MoE layers trace as expert-parallel (shard_map + all_to_all) when
-    # mesh.expert > 1; otherwise XLA partitions them automatically.
+    # Under the mesh, MoE layers dispatch each device's tokens in a shard_map (with an
+    # all_to_all when mesh.expert > 1); with one device XLA runs them as they are.
     with jax.set_mesh(st.mesh):
       st.state, metrics = step_fn(st.state, batch)
     if int(st.state.nonfinite_run) >= config.train.max_nonfinite_steps:

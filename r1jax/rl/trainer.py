@@ -176,8 +176,8 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
     adv = np.asarray(grpo.group_advantages(jnp.asarray(r_bg[keep]), rl.adv_mode)).reshape(-1)
     batch["adv"] = adv.astype(np.float32)
     t1 = time.time()
-    # The forward passes and the update trace under the mesh, so MoE layers run
-    # expert-parallel when mesh.expert > 1 (the sampler keeps its own partitioning).
+    # The forward passes and the update trace under the mesh, so MoE layers dispatch per
+    # device (expert-parallel when mesh.expert > 1; the sampler keeps its own partitioning).
     # Each process puts its own rows of the global batch on its devices.
     batch = parallel.put_global_batch(st.mesh, batch)
     with jax.set_mesh(st.mesh):
