@@ -80,7 +80,8 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
   rng = np.random.default_rng(0)
   ids = rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])).astype(np.int32)
   mask = np.ones_like(ids)
-  params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,))
+  params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,),
+                          cache_segments=rl.cache_segments)  # as the trainer's rollouts
   update = jax.jit(make_update(graphdef, tx, rl, w["prompt_len"]), donate_argnums=0)
   ref_logp = jax.jit(lambda p, o, b: completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature,
                                                          rl.routing_replay))

@@ -56,6 +56,7 @@ from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 
 from r1jax.model.config import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.model.transformer import Transformer  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import (  # noqa: E402  pylint: disable=wrong-import-position
     SamplingParams, generate, slot_utilisation)
 
@@ -142,6 +143,8 @@ def main():
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--new_tokens", type=int, default=128)
   ap.add_argument("--slots", type=int, default=16, help="continuous-batching rows for the heavy-tailed mix")
+  ap.add_argument("--cache_segments", type=int, default=grpo.default_rl_config().cache_segments,
+                  help="plain batching: decode segments over a growing cache (default: the trainer's)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--devices", type=int, default=1, help="CPU devices for data-parallel rollouts")
   ap.add_argument("--peer_python", default=DEFAULT_PEER)
@@ -156,7 +159,8 @@ def main():
   mask = np.ones_like(ids)
   n_rows = args.prompts * args.group
   # EOS = an id past the vocabulary: never drawn, every row runs all N tokens.
-  params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(cfg.vocab_size,))
+  params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(cfg.vocab_size,),
+                          cache_segments=args.cache_segments)
 
   mesh = None
   if args.devices > 1:

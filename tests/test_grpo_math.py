@@ -328,7 +328,7 @@ RL_KEYS = {"group_size", "temperature", "top_k", "top_p", "max_new_tokens", "bet
            "eps_low", "eps_high", "dual_clip", "ratio_level", "aggregation", "adv_mode", "mu",
            "minibatches", "ref_refresh_every", "routing_replay", "dynamic_sampling", "oversample",
            "overlong_buffer", "overlong_penalty", "reward_weights", "preset", "reward_timeout",
-           "reward_workers", "slots"}
+           "reward_workers", "slots", "cache_segments"}
 
 
 def test_default_rl_config_has_every_key_and_validates():
@@ -337,6 +337,8 @@ def test_default_rl_config_has_every_key_and_validates():
   assert grpo.validate_rl(rl) == []
   rl.slots = -1
   assert any("rl.slots=-1" in p for p in grpo.validate_rl(rl))
+  rl.slots, rl.cache_segments = 0, 0
+  assert any("rl.cache_segments=0" in p for p in grpo.validate_rl(rl))
 
 
 @pytest.mark.parametrize("name", sorted(grpo.PRESETS))

@@ -291,6 +291,9 @@ def default_rl_config():
       max_new_tokens=64,         # generation budget; also the 'constant' normaliser
       slots=0,                   # >0: continuous batching over this many decode rows (refill
                                  # finished rows; one device); 0: all B*G rows at once
+      cache_segments=4,          # plain batching decodes in segments over a growing KV cache,
+                                 # so early steps skip empty slots (CPU: 11-18% faster rollouts,
+                                 # one more decode-loop compile per segment)
       # Objective.
       adv_mode="group",          # group | none | batch | rloo
       beta=0.001,                # KL coefficient (R1: 0.001); 0 needs no reference model
@@ -380,6 +383,9 @@ def validate_rl(rl) -> list[str]:
   choice("kl_kind", KL_KINDS)
   choice("ratio_level", RATIO_LEVELS)
   choice("aggregation", AGGREGATIONS)
+  if rl.cache_segments < 1:
+    problems.append(f"rl.cache_segments={rl.cache_segments} must be >= 1 (1: one decode loop "
+                    f"over the whole cache)")
   if rl.slots < 0:
     problems.append(f"rl.slots={rl.slots} must be >= 0 (0: plain batching; N: continuous "
                     f"batching over N decode rows)")
