@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from r1jax import parallel
+from r1jax import parallel, runlog
 from r1jax.data import templates
 from r1jax.rl import rewards
 from r1jax.sampling.sampler import SamplingParams, generate
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
   for key, value in result.items():
     print(f"{key:<12} {value}")
   out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "eval.json")
-  if jax.process_index() == 0:  # hosts share the folder
+  if runlog.is_main_process():  # hosts share the folder
     with open(out_path, "w") as f:
       json.dump(result, f, indent=2)
   print(json.dumps(result))

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from r1jax import checkpoint, parallel
+from r1jax import checkpoint, parallel, runlog
 from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import sources, tasks, tokenizer as tokenizer_lib
@@ -117,7 +117,7 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
 
 def write_config(config, workdir: str) -> None:
   """workdir/config.json, from process 0 only: hosts share the workdir."""
-  if jax.process_index() == 0:
+  if runlog.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
 

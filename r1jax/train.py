@@ -41,9 +41,8 @@ def parse_args(argv: list[str]):
 
 def run(config) -> dict:
   """Runs the configured stage(s); returns the summary dict (also written to disk)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from r1jax import checkpoint, plots  # pylint: disable=import-outside-toplevel
-  main_process = jax.process_index() == 0
+  from r1jax import checkpoint, plots, runlog  # pylint: disable=import-outside-toplevel
+  main_process = runlog.is_main_process()
   names = ([s.strip() for s in config.stages.split(",") if s.strip()]
            if config.stage == "pipeline" else [config.stage])
   start = time.time()
