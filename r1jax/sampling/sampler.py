@@ -185,7 +185,7 @@ def _generate_rows(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r
   for i, end in enumerate(ends):
     length = tp + end
     if i:
-      c["cache"] = resize_cache(model, c["cache"], n_rows, tp + ends[i - 1], length)
+      c["cache"] = grow_cache(model, c["cache"], n_rows, tp + ends[i - 1], length)
     cond = lambda c, end=end: (c["steps"] < end) & jnp.any(c["live"])
     c = jax.lax.while_loop(cond, lambda c, length=length: decode_step(model, c, params, stop_table, length), c)
   out = dict(c["out"], steps=c["steps"], prompt_experts=prompt_experts, slot_steps=c["steps"] * n_rows)
@@ -202,25 +202,17 @@ def segment_ends(n: int, segments: int) -> list[int]:
   return [round(n * (i + 1) / segments) for i in range(segments)]
 
 
-def resize_cache(model, cache, batch: int, old_len: int, new_len: int):
-  """The cache with new_len slots: slots [0, min) kept, new ones zero. The slot axis of
-  each array is the one whose size follows the length (found from init_cache shapes)."""
-  if new_len == old_len:
-    return cache
-  a = jax.eval_shape(lambda: model.init_cache(batch, old_len))
-  z = jax.eval_shape(lambda: model.init_cache(batch, new_len))
+def grow_cache(model, cache, batch: int, old_len: int, new_len: int):
+  """The cache with new_len > old_len slots: the old slots kept, the new ones zero. The
+  slot axis of each array is the one whose size follows the length (init_cache shapes)."""
+  old = jax.eval_shape(lambda: model.init_cache(batch, old_len))
+  new = jax.eval_shape(lambda: model.init_cache(batch, new_len))
 
-  def one(x, sa, sz):
-    axis = [i for i, (p, q) in enumerate(zip(sa.shape, sz.shape)) if p != q]
-    if not axis:
-      return x
-    pads = [(0, 0)] * x.ndim
-    if new_len > old_len:
-      pads[axis[0]] = (0, new_len - old_len)
-      return jnp.pad(x, pads)
-    return jax.lax.slice_in_dim(x, 0, new_len, axis=axis[0])
+  def one(x, s_old, s_new):
+    pads = [(0, q - p) for p, q in zip(s_old.shape, s_new.shape)]
+    return jnp.pad(x, pads) if any(hi for _, hi in pads) else x
 
-  return jax.tree.map(one, cache, a, z)
+  return jax.tree.map(one, cache, old, new)
 
 
 def row_axes(mesh):
