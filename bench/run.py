@@ -1,6 +1,6 @@
 """The benchmark suite: every figure against the machine's ceilings and against the peer.
 
-  python bench/run.py [--only sampler,grpo,train,moe,kernels] [--no_peer] [--iters 3]
+  python bench/run.py [--only sampler,grpo,train,moe,kernels] [--no_peer] [--iters 3] [--devices 1]
 
 Runs, each in its own process (so peak RSS is per benchmark and one failure does not
 hide the rest):
@@ -21,6 +21,9 @@ one JSON object holding every figure (each script's own JSON under its name).
 The peer runs from --peer_python (default /work/peer_venv/bin/python; set it up with
 `python3 -m venv /work/peer_venv && /work/peer_venv/bin/pip install "jax[cpu]" google-tunix==0.1.7`).
 Ratios are r1jax / peer for throughput and peer / r1jax for step time (> 1: r1jax faster).
+
+--devices N (CPU) runs r1jax's sampler and GRPO step data-parallel over N simulated CPU
+devices, the way r1jax uses several cores in one process; the peer stays one device.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def main():
   parser.add_argument("--no_peer", action="store_true")
   parser.add_argument("--peer_python", default=DEFAULT_PEER)
   parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--devices", type=int, default=1,
+                      help="CPU: r1jax's sampler and GRPO step data-parallel over this many devices")
   args = parser.parse_args()
   only = set(args.only.split(","))
   unknown = only - set(SECTIONS)
@@ -76,16 +81,17 @@ def main():
     parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
   peer = None if args.no_peer or not os.path.exists(args.peer_python) else args.peer_python
   it = str(args.iters)
+  dev = ["--devices", str(args.devices)] if args.devices > 1 else []
   r: dict = {}
   if "ceilings" in only:
     r["ceilings"] = run_json(py("ceilings.py"), 600)
   if "sampler" in only:
     peer_args = ["--peer_python", peer] if peer else ["--no_peer"]
-    r["sampler_dense"] = run_json(py("sampler.py", "--iters", it, *peer_args), 1200)
-    r["sampler_moe"] = run_json(py("sampler.py", "--moe", "--iters", it, *peer_args), 1200)
+    r["sampler_dense"] = run_json(py("sampler.py", "--iters", it, *dev, *peer_args), 1200)
+    r["sampler_moe"] = run_json(py("sampler.py", "--moe", "--iters", it, *dev, *peer_args), 1200)
   if "grpo" in only:
     for kind, extra in (("dense", []), ("moe", ["--moe"])):
-      r[f"grpo_{kind}"] = run_json(py("grpo_step.py", "--iters", it, *extra), 1800)
+      r[f"grpo_{kind}"] = run_json(py("grpo_step.py", "--iters", it, *dev, *extra), 1800)
       if peer:
         r[f"grpo_{kind}_peer"] = run_json([peer, os.path.join(HERE, "peer_tunix_grpo.py"), "--iters", it, *extra],
                                           3600, env=dict(JAX_PLATFORMS="cpu"))
