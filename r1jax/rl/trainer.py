@@ -10,6 +10,7 @@ One step (DeepSeek-R1 sec. 2.2; DeepSeekMath eq. 3):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -102,7 +103,7 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   prompts = [e["prompt"] for e in examples]
   ids, mask = templates.encode_prompts(prompts, tok, prompt_len, st.config.data.template)
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
-  params = type(params)(**{**params.__dict__, "top_k": rl.top_k, "cache_segments": rl.cache_segments})
+  params = dataclasses.replace(params, top_k=rl.top_k, cache_segments=rl.cache_segments)
   out = generate(st.graphdef, (st.state.params, st.state.other), prompt_ids_bt=ids,
                  prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params,
                  slots=rl.slots or None)
