@@ -67,24 +67,47 @@ def rl_config(new_tokens: int, group: int, minibatches: int):
   return rl
 
 
-def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceiling: dict | None = None) -> dict:
+def setup(size: str, moe: bool, moe_impl: str | None = None, mesh=None) -> dict:
+  """The step's pieces: model config, workload, RL config, optimizer, state and a frozen
+  reference copy, prompts, sampling params, and the unjitted update / reference
+  functions (shared with bench/profile_ops.py)."""
   cfg = model_config(size, moe, moe_impl)
   w = WORKLOADS[size]
   rl = rl_config(w["new_tokens"], w["group"], w["minibatches"])
   tx = optax.adamw(1e-6, weight_decay=0.1)
+  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0, mesh=mesh), tx)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])).astype(np.int32)
+  params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,),
+                          cache_segments=rl.cache_segments)  # as the trainer's rollouts
+
+  def ref_logp(p, o, b):
+    return completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature, rl.routing_replay)
+
+  return dict(cfg=cfg, w=w, rl=rl, tx=tx, graphdef=graphdef, st=st, ref=jax.tree.map(jnp.copy, st.params),
+              rng=rng, ids=ids, mask=np.ones_like(ids), params=params,
+              update=make_update(graphdef, tx, rl, w["prompt_len"]), ref_logp=ref_logp)
+
+
+def make_batch(s: dict, out) -> dict:
+  """The update's batch from a rollout: sequences, and group advantages of random
+  per-completion rewards (the model is random; verifiers are benchmarked elsewhere)."""
+  w, rl = s["w"], s["rl"]
+  batch = sequence_batch(s["ids"], s["mask"], out, w["group"])
+  rewards = s["rng"].normal(size=(w["prompts"], w["group"])).astype(np.float32)
+  batch["adv"] = np.asarray(grpo.group_advantages(jnp.asarray(rewards), rl.adv_mode)).reshape(-1)
+  return batch
+
+
+def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceiling: dict | None = None) -> dict:
   # More than one device (CPU --devices N): data-parallel on a (data = N) mesh.
   mesh = (parallel.make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1)) if jax.device_count() > 1
           else None)
-  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0, mesh=mesh), tx)
-  ref = jax.tree.map(jnp.copy, st.params)
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])).astype(np.int32)
-  mask = np.ones_like(ids)
-  params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,),
-                          cache_segments=rl.cache_segments)  # as the trainer's rollouts
-  update = jax.jit(make_update(graphdef, tx, rl, w["prompt_len"]), donate_argnums=0)
-  ref_logp = jax.jit(lambda p, o, b: completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature,
-                                                         rl.routing_replay))
+  s = setup(size, moe, moe_impl, mesh)
+  cfg, w, rl, graphdef, st, ref, ids, mask, params = (
+      s[k] for k in ("cfg", "w", "rl", "graphdef", "st", "ref", "ids", "mask", "params"))
+  update = jax.jit(s["update"], donate_argnums=0)
+  ref_logp = jax.jit(s["ref_logp"])
   compiled_update = None
   phases = []
   for i in range(iters + 1):  # the first step compiles: not timed
@@ -92,9 +115,7 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
     out = jax.device_get(generate(graphdef, (st.params, st.other), prompt_ids_bt=ids, prompt_mask_bt=mask,
                                   rng=jax.random.key(i), group_size=w["group"], params=params, mesh=mesh))
     t1 = time.perf_counter()
-    batch = sequence_batch(ids, mask, out, w["group"])
-    rewards = rng.normal(size=(w["prompts"], w["group"])).astype(np.float32)
-    batch["adv"] = np.asarray(grpo.group_advantages(jnp.asarray(rewards), rl.adv_mode)).reshape(-1)
+    batch = make_batch(s, out)
     if mesh is None:
       batch["ref_logp"] = np.asarray(ref_logp(ref, st.other, batch))
       device_batch = jax.device_put(batch)

@@ -4,9 +4,9 @@
       python bench/profile_ops.py {update,reference,rollout} [--moe] [--top 30]
 
 Builds bench/grpo_step.py's CPU workload, compiles the chosen phase, runs it once under
-`jax.profiler`, and sums the trace's events per HLO instruction, named by the JAX
-operation that produced it (the `op_name` metadata of the compiled HLO) with the shape
-it writes. Without the XLA flag, XLA:CPU records no per-operation events and the table
+`jax.profiler`, and sums the trace's events per JAX operation (the `op_name` metadata
+of the compiled HLO instructions; one operation can be several instructions, e.g. one
+per layer), shown with the shape one of its instructions writes. Without the XLA flag, XLA:CPU records no per-operation events and the table
 is empty. Events that contain others (while loops, conditionals, the thunk executor) are
 left out, so the milliseconds add up to thread time: operations that run side by side
 on two cores both count.
@@ -28,12 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-import optax  # noqa: E402  pylint: disable=wrong-import-position
 
-from bench.grpo_step import WORKLOADS, model_config, rl_config  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch  # noqa: E402  pylint: disable=wrong-import-position
+from bench import grpo_step  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling import sampler  # noqa: E402  pylint: disable=wrong-import-position
 
 CONTAINERS = ("cond", "while", "Thunk", "Slinky", "$", "wide.", "region", "call", "body", "end:")
@@ -41,35 +37,22 @@ CONTAINERS = ("cond", "while", "Thunk", "Slinky", "$", "wide.", "region", "call"
 
 def build(phase: str, moe: bool):
   """(compiled executable, zero-argument call) for one phase of the CPU GRPO step."""
-  cfg, w = model_config("cpu", moe, None), WORKLOADS["cpu"]
-  rl = rl_config(w["new_tokens"], w["group"], w["minibatches"])
-  tx = optax.adamw(1e-6, weight_decay=0.1)
-  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0), tx)
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(w["prompts"], w["prompt_len"])), jnp.int32)
-  mask = jnp.ones_like(ids)
-  params = sampler.SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature,
-                                  eos_ids=(cfg.vocab_size,), cache_segments=rl.cache_segments)
+  s = grpo_step.setup("cpu", moe)
+  w, st = s["w"], s["st"]
   key = sampler.as_typed_key(jax.random.key(0))
   budget = sampler.row_budgets(None, w["prompts"] * w["group"], w["new_tokens"])
-  rollout_args = (graphdef, (st.params, st.other), ids, mask, key, budget, w["group"], params)
+  rollout_args = (s["graphdef"], (st.params, st.other), jnp.asarray(s["ids"]), jnp.asarray(s["mask"]), key, budget,
+                  w["group"], s["params"])
   if phase == "rollout":
     compiled = sampler._generate.lower(*rollout_args).compile()  # pylint: disable=protected-access
     return compiled, lambda: compiled(*rollout_args[1:6])
-  out = jax.device_get(sampler._generate(*rollout_args))  # pylint: disable=protected-access
-  batch = sequence_batch(np.asarray(ids), np.asarray(mask), out, w["group"])
-  rewards = rng.normal(size=(w["prompts"], w["group"])).astype(np.float32)
-  batch["adv"] = np.asarray(grpo.group_advantages(jnp.asarray(rewards), rl.adv_mode)).reshape(-1)
-
-  def ref_logp(p, o, b):
-    return completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature, rl.routing_replay)
-
-  batch["ref_logp"] = np.asarray(jax.jit(ref_logp)(st.params, st.other, batch))
+  batch = grpo_step.make_batch(s, jax.device_get(sampler._generate(*rollout_args)))  # pylint: disable=protected-access
+  batch["ref_logp"] = np.asarray(jax.jit(s["ref_logp"])(s["ref"], st.other, batch))
   batch = jax.device_put(batch)
   if phase == "reference":
-    compiled = jax.jit(ref_logp).lower(st.params, st.other, batch).compile()
-    return compiled, lambda: compiled(st.params, st.other, batch)
-  compiled = jax.jit(make_update(graphdef, tx, rl, w["prompt_len"])).lower(st, batch).compile()
+    compiled = jax.jit(s["ref_logp"]).lower(s["ref"], st.other, batch).compile()
+    return compiled, lambda: compiled(s["ref"], st.other, batch)
+  compiled = jax.jit(s["update"]).lower(st, batch).compile()
   return compiled, lambda: compiled(st, batch)
 
 
