@@ -36,16 +36,16 @@ def rope_tables(cfg: ModelConfig, positions_bt):
   """
   inv_freq, attention_factor = rope_inv_freq(cfg)
   angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dr/2]
-  cs = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1) * attention_factor
+  cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
   if jax.default_backend() == "cpu":
     # XLA:CPU fuses cos/sin into every layer's rotation, evaluating them per element of
     # q and k, heads included (~8% of a GRPO update). A dot is never fused into its
     # consumers, so multiplying by the identity (exact) makes the tables materialise once.
     # (optimization_barrier does not: XLA:CPU lowers it to control dependencies.)
-    cs = jnp.einsum("btr,rs->bts", cs, jnp.eye(cs.shape[-1], dtype=cs.dtype),
-                    precision=jax.lax.Precision.HIGHEST)
-  cos, sin = jnp.split(cs[..., None, :], 2, axis=-1)
-  return cos, sin
+    cs = jnp.concatenate([cos, sin], axis=-1)
+    cs = jnp.einsum("btr,rs->bts", cs, jnp.eye(cs.shape[-1], dtype=cs.dtype), precision=jax.lax.Precision.HIGHEST)
+    cos, sin = jnp.split(cs, 2, axis=-1)
+  return cos[..., None, :], sin[..., None, :]
 
 
 def rotate(x, tables, interleaved: bool):
