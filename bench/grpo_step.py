@@ -15,8 +15,8 @@ tokens; vocab 512, d_model 256, 4 layers, 4 / 2 heads, head_dim 64, MLP 512, fp3
 --moe: 8 experts top-2); "gpu" is bench/train_step.py's ~1.1B model in bf16 compute,
 16 prompts x G = 8, prompt 256, 512 new tokens. Reported: seconds per phase (median of
 --iters steps after one warm-up step), tokens/s (generated tokens / step time), update
-and reference-forward MFU (model FLOPs over all prompt + completion positions, 3x and 1x
-forward, r1jax/flops.py) against the matmul ceiling measured in the same run, and peak
+and reference-forward MFU (model FLOPs of the positions the step runs, 3x and 1x forward,
+r1jax/flops.grpo_forward_flops: each group's prompt once with rl.shared_prefix) against the matmul ceiling measured in the same run, and peak
 memory (peak RSS on CPU; the update's compiled memory analysis on accelerators). The
 last line printed is one JSON object.
 
@@ -52,7 +52,7 @@ from bench.train_step import model_config, peak_memory_bytes  # noqa: E402  pyli
 from r1jax import flops, parallel  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch, shared_prefix_group  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import SamplingParams, generate  # noqa: E402  pylint: disable=wrong-import-position
 
 WORKLOADS = {"cpu": dict(prompts=8, group=8, prompt_len=32, new_tokens=128, minibatches=1),
@@ -82,7 +82,8 @@ def setup(size: str, moe: bool, moe_impl: str | None = None, mesh=None) -> dict:
                           cache_segments=rl.cache_segments)  # as the trainer's rollouts
 
   def ref_logp(p, o, b):
-    return completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature, rl.routing_replay)
+    return completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature, rl.routing_replay,
+                               group_size=shared_prefix_group(rl, b["tokens"].shape[0]))
 
   return dict(cfg=cfg, w=w, rl=rl, tx=tx, graphdef=graphdef, st=st, ref=jax.tree.map(jnp.copy, st.params),
               rng=rng, ids=ids, mask=np.ones_like(ids), params=params,
@@ -134,13 +135,15 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
       phases.append(dict(rollout=t1 - t0, reference=t2 - t1, update=t3 - t2, total=t3 - t0))
   med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
   rows = w["prompts"] * w["group"]
-  seq = w["prompt_len"] + w["new_tokens"]
   generated = int(np.asarray(out["mask"]).sum())
   ceiling = ceiling or ceilings.measure(dtype=cfg.dtype)
   peak = ceiling["matmul_flops_per_s"]
-  update_flops = flops.train_flops(cfg, rows * seq, seq)
-  ref_flops = update_flops / 3
+  # The FLOPs the step does: with rl.shared_prefix each group's prompt runs once.
+  shared = shared_prefix_group(rl, rows // w["minibatches"]) > 0
+  ref_flops = flops.grpo_forward_flops(cfg, w["prompts"], w["group"], w["prompt_len"], w["new_tokens"], shared)
+  update_flops = 3 * ref_flops
   return dict(size=size, moe=moe, moe_impl=cfg.moe_impl if moe else None, dtype=cfg.dtype, beta=rl.beta, **w,
+              shared_prefix=shared,
               devices=jax.device_count(),
               seconds=med, step_s=med["total"], generated_tokens=generated,
               tokens_per_s=generated / med["total"], rollout_tokens_per_s=generated / med["rollout"],

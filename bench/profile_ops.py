@@ -56,8 +56,11 @@ def build(phase: str, moe: bool):
   return compiled, lambda: compiled(st, batch)
 
 
-def op_table(compiled, call, top: int):
-  """Runs `call` once under the profiler; returns [(ms, count, op, shape)] and the total."""
+def op_table(compiled, call, top: int, by_shape: bool = False):
+  """Runs `call` once under the profiler; returns [(ms, count, op, shape)] and the total.
+
+  by_shape: one row per operation and output shape (e.g. the projections, which share
+  one op_name, apart)."""
   from jax._src.lib import _profile_data  # pylint: disable=import-outside-toplevel
   meta = {}
   for line in compiled.as_text().split("\n"):
@@ -77,6 +80,8 @@ def op_table(compiled, call, top: int):
           continue
         op, out_shape = meta[ev.name]
         op = re.sub(r"\d+", "#", re.sub(r"jit\([^)]*\)/", "", op))[:90]
+        if by_shape:
+          op += " " + out_shape
         ns[op] += ev.duration_ns
         count[op] += 1
         shape[op] = out_shape
@@ -89,6 +94,7 @@ def main():
   parser.add_argument("phase", choices=("update", "reference", "rollout"))
   parser.add_argument("--moe", action="store_true")
   parser.add_argument("--top", type=int, default=30)
+  parser.add_argument("--by_shape", action="store_true", help="one row per operation and output shape")
   args = parser.parse_args()
   if "xla_cpu_enable_xprof_traceme=true" not in os.environ.get("XLA_FLAGS", ""):
     sys.exit("profile_ops: set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true (XLA:CPU records no "
@@ -98,7 +104,7 @@ def main():
   t0 = time.perf_counter()
   jax.block_until_ready(call())
   wall = time.perf_counter() - t0
-  rows, total = op_table(compiled, call, args.top)
+  rows, total = op_table(compiled, call, args.top, args.by_shape)
   print(f"{args.phase} ({'moe' if args.moe else 'dense'}): {wall:.3f} s wall; {total:.0f} ms of operation "
         f"time in the trace (thread time: concurrent operations both count)")
   print(f"{'ms':>9s} {'share':>6s} {'calls':>6s}  operation (output shape)")

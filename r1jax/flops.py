@@ -52,3 +52,14 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def train_flops(cfg: ModelConfig, n_tokens: int, seq_len: int) -> float:
   """Model FLOPs of one training step over n_tokens tokens in rows of seq_len."""
   return 3.0 * n_tokens * forward_flops_per_token(cfg, seq_len)
+
+
+def grpo_forward_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int, new_tokens: int,
+                       shared_prefix: bool) -> float:
+  """Model FLOPs of one forward over a GRPO batch of B prompts x G completions: the
+  prompts B times when each group's prompt runs once (trainer.prefix_shared_logits),
+  B*G times when every row runs whole. A completion token at position Tp + j attends
+  to Tp + j + 1 keys: on average those of a (2 Tp + N)-token sequence."""
+  prompt_rows = prompts if shared_prefix else prompts * group
+  return (prompt_rows * prompt_len * forward_flops_per_token(cfg, prompt_len)
+          + prompts * group * new_tokens * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens))

@@ -23,6 +23,8 @@ CPU, pallas on GPU, ragged on TPU -- `config.resolve_moe_impl`) on rows sorted b
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -134,12 +136,22 @@ def _masked_dense_ffn(x_md, group_sizes_e, w_gate_edf, w_up_edf, w_down_efd, act
   return jnp.einsum("emf,efd,me->md", h, w_down_efd, onehot_me)
 
 
+# Rows of compute (2 x 3 D F FLOPs each) that cost as long as gathering one expert's
+# three weight matrices (3 D F fp32 values): 2 x matmul FLOP/s / copy bytes/s, ~64 on
+# the 2-core CPU the blocked FFN is the default for (197 GFLOP/s, 6.2 GB/s; bench/).
+BLOCK_GATHER_ROWS = 64
+
+
 def block_rows(m: int, n_experts: int, max_block: int = 512) -> int:
   """Rows per block b for the blocked FFN. Padding each of E groups to a multiple of b
   adds at most E(b-1) rows to M, so b - 1 <= M / 5E keeps the expert FLOPs within 1.2x
-  of the active ones (room for the router and the elementwise work under 1.25x); a
-  larger b would gather fewer weight matrices (~M/b + E), which is what costs time."""
-  return max(1, min(max_block, 1 + m // (5 * n_experts)))
+  of the active ones (room for the router and the elementwise work under 1.25x). Each
+  of the ~M/b + E blocks also gathers (copies) its expert's weights, worth
+  BLOCK_GATHER_ROWS rows of compute: (M/b + E)(BLOCK_GATHER_ROWS + b) is least at
+  b = sqrt(M BLOCK_GATHER_ROWS / E), which wins for small M (a GRPO prompt pass of 512
+  slots over 8 experts: 15 blocks of 64 rows instead of 46 of 13)."""
+  fewer_gathers = math.isqrt(m * BLOCK_GATHER_ROWS // n_experts)
+  return max(1, min(max_block, max(1 + m // (5 * n_experts), fewer_gathers)))
 
 
 def block_layout(group_sizes_e, m: int, b: int):

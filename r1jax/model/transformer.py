@@ -5,7 +5,7 @@ Qwen2/2.5, Llama-3, Qwen3 and Qwen3-MoE; the differences are ModelConfig values.
 
 Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_moe MoE layers):
   logits_btv, aux = model(tokens_bt, positions_bt=None, segment_ids_bt=None,
-                          cache=None, forced_experts=None)
+                          cache=None, forced_experts=None, mtp=None, sampling_moe=True)
   segment_ids_bt: 0 marks padding; packed rows use 1, 2, ... per example, and attention
     never crosses a segment boundary.
   aux["experts"]: [L_moe, B, T, k] chosen experts (for routing replay), or None.
@@ -43,12 +43,12 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs)
 
   def __call__(self, x_btd, positions_bt, mask_bts, cache=None, forced_experts_btk=None, rope=None,
-               valid_bt=None):
+               valid_bt=None, sampling_moe=True):
     """-> (x_btd, cache, experts_btk or None, balance loss of this layer (0.0 if none))."""
     h, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, rope)
     x_btd = x_btd + h
     experts, balance = None, jnp.zeros((), jnp.float32)
-    if self.is_moe and cache is not None:
+    if self.is_moe and cache is not None and sampling_moe:
       h, experts = cached_moe(self.ffn, self.ffn_norm(x_btd), forced_experts_btk)
     elif self.is_moe:
       h, aux = self.ffn.forward(self.ffn_norm(x_btd), forced_experts_btk, mask_bt=valid_bt)
@@ -94,7 +94,10 @@ class Transformer(nnx.Module):
     return jnp.einsum("btd,dv->btv", x_btd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
-               forced_experts=None, mtp=None):
+               forced_experts=None, mtp=None, sampling_moe=True):
+    """sampling_moe=False: with a cache, MoE layers still use the module's own (training)
+    dispatch instead of `cached_moe`, for a differentiated pass through a cache (the GRPO
+    update's shared-prompt forward, r1jax.rl.trainer.prefix_shared_logits)."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     b, t = tokens_bt.shape
     if positions_bt is None:
@@ -120,7 +123,8 @@ class Transformer(nnx.Module):
       if forced_experts is not None and block.is_moe:
         forced = forced_experts[moe_i]
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache, chosen, layer_balance = block(x, positions_bt, mask, layer_cache, forced, rope, valid_bt)
+      x, layer_cache, chosen, layer_balance = block(x, positions_bt, mask, layer_cache, forced, rope, valid_bt,
+                                                    sampling_moe)
       balance = balance + layer_balance
       if cache is not None:
         new_layers.append(layer_cache)

@@ -26,7 +26,7 @@ from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.transformer import token_logprobs
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
-from r1jax.sampling.sampler import generate
+from r1jax.sampling.sampler import generate, prompt_positions
 
 
 def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
@@ -46,14 +46,22 @@ def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
 
 
 def completion_logprobs(graphdef, params, other, batch, prompt_len: int, temperature: float,
-                        replay: bool, with_entropy: bool = False):
-  """log pi(completion token) [B, N] at the sampling temperature (fp32)."""
+                        replay: bool, with_entropy: bool = False, group_size: int = 0):
+  """log pi(completion token) [B, N] at the sampling temperature (fp32).
+
+  group_size = G > 1: rows come in groups of G that repeat one prompt (sequence_batch),
+  and the prompt runs once per group (`prefix_shared_logits`); 0: every row runs whole.
+  """
   model = state_lib.merge(graphdef, params, other)
   forced = batch.get("experts") if replay else None
   if forced is not None:
     forced = jnp.moveaxis(forced, 0, 1)  # [L, B, T, k] as the model takes it
-  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced)
-  logits = logits[:, prompt_len - 1:-1] / temperature
+  if group_size > 1:
+    logits = prefix_shared_logits(model, batch, prompt_len, group_size, forced)
+  else:
+    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced)
+    logits = logits[:, prompt_len - 1:-1]
+  logits = logits / temperature
   logp = token_logprobs(logits, batch["tokens"][:, prompt_len:])
   if not with_entropy:
     return logp
@@ -62,13 +70,57 @@ def completion_logprobs(graphdef, params, other, batch, prompt_len: int, tempera
   return logp, entropy
 
 
+def prefix_shared_logits(model, batch, prompt_len: int, group_size: int, forced_lrtk=None):
+  """Logits [R, N, V] of the model at each completion token's preceding position, with
+  the prompt run once per group of G rows instead of G times.
+
+  The G rows of a group repeat one prompt, so their prompt hidden states are equal. The
+  prompt (one row per group) runs into a KV cache, the cache is copied to the group's
+  rows, and only the completions run against it: the sampler's prefill, differentiated
+  (the copy's gradient sums the G rows' contributions). It does B*Tp + R*N token
+  positions of work instead of R*(Tp + N) (R = B*G), e.g. 17.5% fewer at Tp = 32,
+  N = 128, G = 8; the values equal the whole-row forward's up to float rounding
+  (tests/test_grpo_step.py). MoE layers keep the training dispatch (sampling_moe=False).
+  """
+  r, t = batch["tokens"].shape
+  g, n = group_size, t - prompt_len
+  b = r // g
+  first = lambda x: x.reshape((b, g) + x.shape[1:])[:, 0]  # pylint: disable=unnecessary-lambda-assignment
+  prompt_ids = first(batch["tokens"])[:, :prompt_len]
+  prompt_seg = first(batch["segment_ids"])[:, :prompt_len]
+  forced_p = forced_c = None
+  if forced_lrtk is not None:  # [L, R, T, k]
+    forced_p = forced_lrtk.reshape((forced_lrtk.shape[0], b, g) + forced_lrtk.shape[2:])[:, :, 0, :prompt_len]
+    forced_c = forced_lrtk[:, :, prompt_len:]
+  # Left-padded prompts: pads go to slot t, past the cache, and are never keys.
+  prompt_pos = prompt_positions(prompt_seg, t)
+  logits_p, aux = model(prompt_ids, prompt_pos, prompt_seg, cache=model.init_cache(b, t),
+                        forced_experts=forced_p, sampling_moe=False)
+  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=0), aux["cache"])
+  # Completion token j of a row sits at position prompt length + j: one slot each, also
+  # past the stop (those tokens are masked out as keys and in the loss).
+  start_r = jnp.repeat(prompt_seg.sum(axis=1).astype(jnp.int32), g)
+  pos_c = start_r[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+  logits_c, _ = model(batch["tokens"][:, prompt_len:], pos_c, batch["segment_ids"][:, prompt_len:],
+                      cache=cache, forced_experts=forced_c, sampling_moe=False)
+  return jnp.concatenate([jnp.repeat(logits_p[:, -1:], g, axis=0), logits_c[:, :-1]], axis=1)
+
+
+def shared_prefix_group(rl, rows: int) -> int:
+  """G when a forward over `rows` rows can run each group's prompt once (rl.shared_prefix
+  and whole groups: a minibatch of the update holds whole groups when the question count
+  divides by rl.minibatches), else 0 (every row runs whole)."""
+  return rl.group_size if rl.shared_prefix and rows % rl.group_size == 0 else 0
+
+
 def make_update(graphdef, tx, rl, prompt_len: int):
   """(state, batch) -> (state, metrics): mu passes x minibatches optimizer steps."""
   n_mb = rl.minibatches
 
   def loss_fn(params, other, mb):
     logp, entropy = completion_logprobs(graphdef, params, other, mb, prompt_len, rl.temperature,
-                                        rl.routing_replay, with_entropy=True)
+                                        rl.routing_replay, with_entropy=True,
+                                        group_size=shared_prefix_group(rl, mb["tokens"].shape[0]))
     loss, metrics = grpo.policy_loss(
         logp, mb["old_logp"], mb["adv"], mb["completion_mask"], eps_low=rl.eps_low,
         eps_high=rl.eps_high, dual_clip_c=rl.dual_clip or None, ratio_level=rl.ratio_level,
@@ -158,7 +210,8 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   update = jax.jit(make_update(st.graphdef, tx, rl, prompt_len),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
   ref_logp_fn = jax.jit(lambda p, o, b: completion_logprobs(
-      st.graphdef, p, o, b, prompt_len, rl.temperature, rl.routing_replay))
+      st.graphdef, p, o, b, prompt_len, rl.temperature, rl.routing_replay,
+      group_size=shared_prefix_group(rl, b["tokens"].shape[0])))
   log = MetricsLog(workdir, steps, "grpo")
   key = jax.random.key(config.seed)
   for step in range(st.start_step, steps):
