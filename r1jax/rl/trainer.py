@@ -80,7 +80,7 @@ def prefix_shared_logits(model, batch, prompt_len: int, group_size: int, forced_
   (the copy's gradient sums the G rows' contributions). It does B*Tp + R*N token
   positions of work instead of R*(Tp + N) (R = B*G), e.g. 17.5% fewer at Tp = 32,
   N = 128, G = 8; the values equal the whole-row forward's up to float rounding
-  (tests/test_grpo_step.py). MoE layers keep the training dispatch (sampling_moe=False).
+  (tests/test_prefix_shared.py). MoE layers keep the training dispatch (sampling_moe=False).
   """
   r, t = batch["tokens"].shape
   g, n = group_size, t - prompt_len
