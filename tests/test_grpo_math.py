@@ -328,7 +328,7 @@ RL_KEYS = {"group_size", "temperature", "top_k", "top_p", "max_new_tokens", "bet
            "eps_low", "eps_high", "dual_clip", "ratio_level", "aggregation", "adv_mode", "mu",
            "minibatches", "ref_refresh_every", "routing_replay", "dynamic_sampling", "oversample",
            "overlong_buffer", "overlong_penalty", "reward_weights", "preset", "reward_timeout",
-           "reward_workers", "slots", "cache_segments"}
+           "reward_workers", "slots", "cache_segments", "shared_prefix"}
 
 
 def test_default_rl_config_has_every_key_and_validates():
