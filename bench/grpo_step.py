@@ -16,9 +16,10 @@ tokens; vocab 512, d_model 256, 4 layers, 4 / 2 heads, head_dim 64, MLP 512, fp3
 16 prompts x G = 8, prompt 256, 512 new tokens. Reported: seconds per phase (median of
 --iters steps after one warm-up step), tokens/s (generated tokens / step time), update
 and reference-forward MFU (model FLOPs of the positions the step runs, 3x and 1x forward,
-r1jax/flops.grpo_forward_flops: each group's prompt once with rl.shared_prefix) against the matmul ceiling measured in the same run, and peak
-memory (peak RSS on CPU; the update's compiled memory analysis on accelerators). The
-last line printed is one JSON object.
+r1jax/flops.grpo_forward_flops: each group's prompt once with rl.shared_prefix) against
+the matmul ceiling measured in the same run, and peak memory (peak RSS on CPU; the
+update's compiled memory analysis on accelerators). The last line printed is one JSON
+object.
 
 --devices N (CPU, N > 1) makes XLA treat the CPU as N devices and runs the step
 data-parallel on a (data = N) mesh, as the trainer would: rollouts split by prompt,

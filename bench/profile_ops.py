@@ -6,8 +6,9 @@
 Builds bench/grpo_step.py's CPU workload, compiles the chosen phase, runs it once under
 `jax.profiler`, and sums the trace's events per JAX operation (the `op_name` metadata
 of the compiled HLO instructions; one operation can be several instructions, e.g. one
-per layer), shown with the shape one of its instructions writes. Without the XLA flag, XLA:CPU records no per-operation events and the table
-is empty. Events that contain others (while loops, conditionals, the thunk executor) are
+per layer), shown with the shape one of its instructions writes (--by_shape: one row
+per operation and output shape). Without the XLA flag, XLA:CPU records no per-operation
+events and the table is empty. Events that contain others (while loops, conditionals, the thunk executor) are
 left out, so the milliseconds add up to thread time: operations that run side by side
 on two cores both count.
 """
@@ -80,12 +81,11 @@ def op_table(compiled, call, top: int, by_shape: bool = False):
           continue
         op, out_shape = meta[ev.name]
         op = re.sub(r"\d+", "#", re.sub(r"jit\([^)]*\)/", "", op))[:90]
-        if by_shape:
-          op += " " + out_shape
+        op = (op, out_shape if by_shape else None)
         ns[op] += ev.duration_ns
         count[op] += 1
         shape[op] = out_shape
-  rows = [(v / 1e6, count[k], k, shape[k]) for k, v in ns.most_common(top)]
+  rows = [(v / 1e6, count[k], k[0], shape[k]) for k, v in ns.most_common(top)]
   return rows, sum(ns.values()) / 1e6
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from r1jax import flops
 from r1jax import state as state_lib
 from r1jax.model.config import ModelConfig
 from r1jax.rl import grpo, trainer
@@ -65,7 +66,6 @@ def test_shared_prefix_group_needs_whole_groups():
 
 
 def test_grpo_forward_flops_counts_each_prompt_once_when_shared():
-  from r1jax import flops  # pylint: disable=import-outside-toplevel
   cfg, b, g, tp, n = DENSE_GQA, 8, 8, 32, 128
   whole = flops.grpo_forward_flops(cfg, b, g, tp, n, shared_prefix=False)
   np.testing.assert_allclose(3 * whole, flops.train_flops(cfg, b * g * (tp + n), tp + n), rtol=1e-12)

@@ -26,7 +26,7 @@ from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.transformer import token_logprobs
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
-from r1jax.sampling.sampler import generate, prompt_positions
+from r1jax.sampling.sampler import generate, prefill
 
 
 def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
@@ -92,18 +92,15 @@ def prefix_shared_logits(model, batch, prompt_len: int, group_size: int, forced_
   if forced_lrtk is not None:  # [L, R, T, k]
     forced_p = forced_lrtk.reshape((forced_lrtk.shape[0], b, g) + forced_lrtk.shape[2:])[:, :, 0, :prompt_len]
     forced_c = forced_lrtk[:, :, prompt_len:]
-  # Left-padded prompts: pads go to slot t, past the cache, and are never keys.
-  prompt_pos = prompt_positions(prompt_seg, t)
-  logits_p, aux = model(prompt_ids, prompt_pos, prompt_seg, cache=model.init_cache(b, t),
-                        forced_experts=forced_p, sampling_moe=False)
-  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=0), aux["cache"])
+  last_bv, cache, lengths_b, _ = prefill(model, prompt_ids, prompt_seg, t, forced_experts=forced_p,
+                                         sampling_moe=False)
+  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=0), cache)
   # Completion token j of a row sits at position prompt length + j: one slot each, also
   # past the stop (those tokens are masked out as keys and in the loss).
-  start_r = jnp.repeat(prompt_seg.sum(axis=1).astype(jnp.int32), g)
-  pos_c = start_r[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+  pos_c = jnp.repeat(lengths_b, g)[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
   logits_c, _ = model(batch["tokens"][:, prompt_len:], pos_c, batch["segment_ids"][:, prompt_len:],
                       cache=cache, forced_experts=forced_c, sampling_moe=False)
-  return jnp.concatenate([jnp.repeat(logits_p[:, -1:], g, axis=0), logits_c[:, :-1]], axis=1)
+  return jnp.concatenate([jnp.repeat(last_bv[:, None], g, axis=0), logits_c[:, :-1]], axis=1)
 
 
 def shared_prefix_group(rl, rows: int) -> int:
