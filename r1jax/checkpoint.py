@@ -95,10 +95,11 @@ def restore_params(directory: str, params_like):
     if like is not None and tuple(meta.shape) != tuple(like.shape):
       raise CheckpointMismatch(f"{directory}: parameter {key} has shape {tuple(meta.shape)}, "
                                f"the model expects {tuple(like.shape)}")
-    sharding = like.sharding if like is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+    if like is None:  # saved but not in the model (e.g. an LM head a reward model drops): not read
+      return None
+    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=like.sharding)
 
-  item = {"params": jax.tree_util.tree_map_with_path(target, saved_params)}
+  item = {"params": _without_none(jax.tree_util.tree_map_with_path(target, saved_params))}
   missing = sorted(set(like_by_path) - saved_keys)
   if missing:
     raise CheckpointMismatch(f"{directory}: checkpoint has no parameter {missing[0]}")
@@ -107,6 +108,16 @@ def restore_params(directory: str, params_like):
   by_path = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw["state"]["params"])[0]}
   return jax.tree_util.tree_map_with_path(
       lambda path, like: by_path[_path_key(path)].astype(like.dtype), params_like)
+
+
+def _without_none(tree):
+  """The nested dicts/lists of `tree` with None leaves and emptied containers removed,
+  so orbax's partial restore reads only what is left."""
+  if isinstance(tree, dict):
+    kept = {k: _without_none(v) for k, v in tree.items()}
+    kept = {k: v for k, v in kept.items() if v is not None}
+    return kept or None
+  return tree
 
 
 def _path_key(path) -> str:

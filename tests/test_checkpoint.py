@@ -47,3 +47,29 @@ def test_params_restore_onto_a_different_device_set(tmp_path):
   assert len(got) == len(want)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
+
+
+def test_restore_params_skips_parameters_the_model_lacks(tmp_path, monkeypatch):
+  """A checkpoint with parameters the target model does not have (a reward model started
+  from an LM checkpoint drops its head; a stage without MTP modules): the shared ones
+  restore exactly, and the extras are not read at all (they used to be read whole onto
+  device 0, which on a pod is a full LM head on one chip)."""
+  big = ModelConfig(**CFG, tie_embeddings=False, mtp_depth=1)
+  small = ModelConfig(**CFG, tie_embeddings=True, mtp_depth=0)
+  _, saved = state_lib.create_state(state_lib.create_model(big, seed=0), optax.adam(1e-3))
+  ckpt = str(tmp_path / "ckpt")
+  checkpoint.save(checkpoint.manager(ckpt), 1, saved, {}, {})
+  _, target = state_lib.create_state(state_lib.create_model(small, seed=1), optax.adam(1e-3))
+
+  requested = []
+  real = checkpoint.ocp.args.PyTreeRestore
+  monkeypatch.setattr(checkpoint.ocp.args, "PyTreeRestore",
+                      lambda item, **kw: requested.append(item) or real(item, **kw))
+  got = checkpoint.restore_params(ckpt, target.params)
+
+  assert len(requested) == 1
+  asked = {checkpoint._path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(requested[0])[0]}  # pylint: disable=protected-access
+  assert asked and not any("lm_head" in k or "mtp" in k for k in asked), sorted(asked)
+  want = {checkpoint._path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved.params)[0]}  # pylint: disable=protected-access
+  for path, leaf in jax.tree_util.tree_flatten_with_path(got)[0]:
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[checkpoint._path_key(path)]))  # pylint: disable=protected-access
