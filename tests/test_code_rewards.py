@@ -57,12 +57,23 @@ def descendants(root: int) -> list[int]:
   return found
 
 
+# Descendants of this process alive when the current test started (e.g. the reward
+# verifier pool an earlier test of the same pytest worker left running): not the test's.
+_STARTED_BEFORE = set()
+
+
+@pytest.fixture(autouse=True)
+def _note_earlier_processes():
+  _STARTED_BEFORE.clear()
+  _STARTED_BEFORE.update(descendants(os.getpid()))
+
+
 def assert_all_gone(box, timeout_s: float = 3.0) -> None:
-  """Nothing the sandbox started is alive: no descendant of ours, no process of a
-  sandbox uid (root mode)."""
+  """Nothing the sandbox started is alive: no descendant of ours that the test started,
+  no process of a sandbox uid (root mode)."""
   deadline = time.monotonic() + timeout_s
   while True:
-    left = descendants(os.getpid())
+    left = [p for p in descendants(os.getpid()) if p not in _STARTED_BEFORE]
     if os.geteuid() == 0:
       for slot in range(box.n_workers):
         left += sandbox.processes_of(box.uid_base + slot)
