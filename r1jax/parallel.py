@@ -157,6 +157,32 @@ def to_host(tree):
   return jax.tree.map(one, tree)
 
 
+def host_groups(n_groups: int, host: int | None = None, n_hosts: int | None = None) -> tuple[int, int]:
+  """[start, stop) of the n_groups groups this process works on: contiguous, as even as
+  can be (the first hosts take one fewer when they do not divide)."""
+  host = jax.process_index() if host is None else host
+  n_hosts = jax.process_count() if n_hosts is None else n_hosts
+  return n_groups * host // n_hosts, n_groups * (host + 1) // n_hosts
+
+
+def allgather_host_rows(rows_mf, n_rows: int):
+  """Every process's rows_mf [m_h, F] (float32; m_h may differ, the hosts' shares in
+  process order) -> the [n_rows, F] concatenation, on every process. A collective: every
+  process must call it. Each share is padded to n_rows so the gathered arrays line up
+  (meant for small tables: rewards, counters)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  rows_mf = np.asarray(rows_mf, np.float32).reshape(len(rows_mf), -1)
+  if len(rows_mf) > n_rows:
+    raise ValueError(f"allgather_host_rows: this host's share has {len(rows_mf)} rows, more than all {n_rows}")
+  padded = np.zeros((n_rows, rows_mf.shape[1]), np.float32)
+  padded[:len(rows_mf)] = rows_mf
+  got = multihost_utils.process_allgather(dict(rows=padded, count=np.array([len(rows_mf)], np.int32)))
+  out = np.concatenate([r[:int(c[0])] for r, c in zip(np.asarray(got["rows"]), np.asarray(got["count"]))])
+  if len(out) != n_rows:
+    raise RuntimeError(f"allgather_host_rows: the hosts' shares add up to {len(out)} rows, expected {n_rows}")
+  return out
+
+
 def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
   """Resolves the one -1 axis to the devices left over."""
   sizes = [int(mesh_config[a]) for a in MESH_AXES]

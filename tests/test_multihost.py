@@ -126,6 +126,18 @@ def _rollout_batch():
   return batch
 
 
+# 5 groups of 2 completions, none with an answer: host 0 scores groups 0-1, host 1 2-4.
+REWARD_EXAMPLES = [dict(prompt=f"q{i}", answer=str(i)) for i in range(5)]
+REWARD_G = 2
+REWARD_TEXTS = ["x" * (i + 1) for i in range(5 * REWARD_G)]  # row i: i + 1 x's, no digits
+
+
+def _scored_by(prompts, completions, **_):
+  """100 x the index of the process that scored the row, plus the row number."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return [100 * jax.process_index() + len(c.split()[0]) - 1 for c in completions]
+
+
 # ------------------------------------------------------------------- worker process
 
 
@@ -177,6 +189,14 @@ def worker(out_dir: str) -> None:
   for i, leaf in enumerate(_gather(grpo_state.params)):
     out[f"grpo_{i}"] = leaf
   lap("grpo update")
+
+  # 5. Rewards: each process scores its share of the groups; every process gets them all.
+  from r1jax.rl import rewards, trainer  # pylint: disable=import-outside-toplevel
+  total, per_fn, stats = trainer.score_groups({"who": 1.0, "accuracy": 0.0},
+                                              {"who": _scored_by, "accuracy": rewards.accuracy_reward},
+                                              REWARD_EXAMPLES, REWARD_TEXTS, REWARD_G)
+  out["scored"], out["scored_who"], out["no_answer"] = total, per_fn["who"], np.array(stats.n_no_answer)
+  lap("rewards")
 
   # 4. The multi-slice mesh: each process (no TPU slices here) is one DCN granule.
   dcn = parallel.make_mesh(DCN_MESH)
@@ -266,6 +286,32 @@ def test_bad_launch_environment_exits_2_with_one_message(capsys):
   assert parallel.maybe_initialize_distributed({}) is False  # single process: nothing to do
 
 
+def test_host_groups_cover_every_group_once():
+  from r1jax import parallel
+  for n_groups in (0, 1, 5, 8, 13):
+    for n_hosts in (1, 2, 3, 8):
+      shares = [parallel.host_groups(n_groups, h, n_hosts) for h in range(n_hosts)]
+      assert [lo for lo, _ in shares] == [0] + [hi for _, hi in shares[:-1]]  # contiguous, in order
+      assert shares[-1][1] == n_groups
+      sizes = [hi - lo for lo, hi in shares]
+      assert max(sizes) - min(sizes) <= 1, (n_groups, n_hosts, sizes)
+
+
+def test_score_groups_in_one_process_scores_every_row():
+  """One process scores all groups itself: rewards row for row as combine_rewards gives
+  them (weighted total, per function), and the call's stats."""
+  from r1jax.rl import rewards, trainer
+  weights = {"who": 2.0, "accuracy": 0.5}
+  fns = {"who": _scored_by, "accuracy": rewards.accuracy_reward}
+  texts = list(REWARD_TEXTS)
+  texts[3] += " <answer>1</answer>"  # group 1's second sample, answer "1": correct
+  total, per_fn, stats = trainer.score_groups(weights, fns, REWARD_EXAMPLES, texts, REWARD_G)
+  np.testing.assert_array_equal(per_fn["accuracy"], [0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(per_fn["who"], np.arange(10))
+  np.testing.assert_array_equal(total, np.arange(10) * 2.0 + [0, 0, 0, 0.5, 0, 0, 0, 0, 0, 0])
+  assert total.dtype == np.float32 and stats.n_no_answer == len(texts) - 1
+
+
 def test_dcn_mesh_needs_as_many_slices_or_hosts():
   from r1jax import parallel
   with pytest.raises(ValueError, match="number of TPU slices"):
@@ -316,6 +362,10 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(r["grpo_grad_norm"], ref_grpo["grad_norm"], rtol=1e-5)
     for j, want in enumerate(ref_grpo_params):
       np.testing.assert_allclose(r[f"grpo_{j}"], want, rtol=1e-5, atol=1e-6)
+    # Rows 0-3 scored on host 0, rows 4-9 on host 1; the stats summed over both.
+    np.testing.assert_array_equal(r["scored"], [0, 1, 2, 3, 104, 105, 106, 107, 108, 109])
+    np.testing.assert_array_equal(r["scored_who"], r["scored"])
+    assert int(r["no_answer"]) == len(REWARD_TEXTS)
     # mesh.dcn_data=2 without TPU slices: the data axis runs across the processes.
     assert r["dcn_processes"].tolist() == [[0] * LOCAL_DEVICES, [1] * LOCAL_DEVICES]
 

@@ -146,9 +146,9 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   """Samples G completions per example and scores them; host-side numpy results.
 
   Every process samples the same global prompts with the same key (the mesh splits the
-  rows) and reads the whole output back, so rewards, advantages and logged figures are
-  the same on every host (as long as the verifiers are deterministic: a verifier timeout
-  on one host only would make that host's advantages differ)."""
+  rows) and reads the whole output back; each scores its share of the groups
+  (`score_groups`) and the rewards are gathered, so rewards, advantages and logged
+  figures are the same on every host."""
   prompts = [e["prompt"] for e in examples]
   ids, mask = templates.encode_prompts(prompts, tok, prompt_len, st.config.data.template)
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
@@ -159,18 +159,39 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   out = parallel.to_host(out)
   texts = completions_of(tok, out)
   g = rl.group_size
-  rep_prompts = [p for p in prompts for _ in range(g)]
-  rep_examples = [e for e in examples for _ in range(g)]
-  total, per_fn, stats = rewards.compute_rewards(
-      weights, fns, rep_prompts, texts, example=rep_examples,
-      answer=[str(e.get("answer", "")) for e in rep_examples])
-  total = np.asarray(total, np.float32)
+  total, per_fn, stats = score_groups(weights, fns, examples, texts, g)
   lengths = np.asarray(out["mask"]).sum(-1)
   if rl.overlong_buffer:
     total = total + np.asarray(grpo.overlong_penalty(
         lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
   return dict(ids=ids, mask=mask, out=out, texts=texts, rewards=total.reshape(-1, g),
               per_fn=per_fn, stats=stats, lengths=lengths)
+
+
+def score_groups(weights, fns, examples, texts, group_size: int):
+  """Rule rewards of the G completions of each example -> (total [B*G] float32,
+  {name: [B*G] float32}, RewardStats summed over hosts).
+
+  With several processes each scores a contiguous share of the groups
+  (`parallel.host_groups`) and the shares are gathered: a code reward's sandbox runs
+  once per completion rather than once per host, and a verifier timeout on one host
+  cannot make the hosts' advantages differ. A group stays on one host, so a reward
+  function may look at a whole group."""
+  n_groups, g = len(examples), group_size
+  lo, hi = parallel.host_groups(n_groups)
+  own = [e for e in examples[lo:hi] for _ in range(g)]
+  total, per_fn, stats = rewards.compute_rewards(
+      weights, fns, [e["prompt"] for e in own], texts[lo * g:hi * g], example=own,
+      answer=[str(e.get("answer", "")) for e in own])
+  names = list(per_fn)
+  cols = np.asarray([total] + [per_fn[n] for n in names], np.float32).T.reshape(len(own), 1 + len(names))
+  if jax.process_count() > 1:
+    cols = parallel.allgather_host_rows(cols, n_groups * g)
+    fields = [f.name for f in dataclasses.fields(stats)]
+    summed = parallel.allgather_host_rows(np.array([[getattr(stats, f) for f in fields]], np.float32),
+                                          jax.process_count()).sum(0)
+    stats = type(stats)(**{f: type(getattr(stats, f))(v) for f, v in zip(fields, summed)})
+  return cols[:, 0], {n: cols[:, 1 + i] for i, n in enumerate(names)}, stats
 
 
 def run(config, workdir: str, init_from: str | None = None) -> dict:
