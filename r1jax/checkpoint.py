@@ -111,8 +111,8 @@ def restore_params(directory: str, params_like):
 
 
 def _without_none(tree):
-  """The nested dicts/lists of `tree` with None leaves and emptied containers removed,
-  so orbax's partial restore reads only what is left."""
+  """`tree` (nested dicts, as orbax's metadata gives nnx params) with None leaves and
+  emptied dicts removed, so orbax's partial restore reads only what is left."""
   if isinstance(tree, dict):
     kept = {k: _without_none(v) for k, v in tree.items()}
     kept = {k: v for k, v in kept.items() if v is not None}
