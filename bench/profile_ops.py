@@ -8,9 +8,9 @@ Builds bench/grpo_step.py's CPU workload, compiles the chosen phase, runs it onc
 of the compiled HLO instructions; one operation can be several instructions, e.g. one
 per layer), shown with the shape one of its instructions writes (--by_shape: one row
 per operation and output shape). Without the XLA flag, XLA:CPU records no per-operation
-events and the table is empty. Events that contain others (while loops, conditionals, the thunk executor) are
-left out, so the milliseconds add up to thread time: operations that run side by side
-on two cores both count.
+events and the table is empty. Events that contain others (while loops, conditionals,
+the thunk executor) are left out, so the milliseconds add up to thread time: operations
+that run side by side on two cores both count.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def build(phase: str, moe: bool):
   w, st = s["w"], s["st"]
   key = sampler.as_typed_key(jax.random.key(0))
   budget = sampler.row_budgets(None, w["prompts"] * w["group"], w["new_tokens"])
-  rollout_args = (s["graphdef"], (st.params, st.other), jnp.asarray(s["ids"]), jnp.asarray(s["mask"]), key, budget,
-                  w["group"], s["params"])
+  rollout_args = (s["graphdef"], (st.params, st.other), jnp.asarray(s["ids"]), jnp.asarray(s["mask"]), key,
+                  budget, w["group"], s["params"])
   if phase == "rollout":
     compiled = sampler._generate.lower(*rollout_args).compile()  # pylint: disable=protected-access
     return compiled, lambda: compiled(*rollout_args[1:6])
