@@ -41,8 +41,8 @@ from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import templates, tokenizer as tokenizer_lib
 from r1jax.model.config import ModelConfig
-from r1jax.model.layers import dtype_of, param
-from r1jax.model.transformer import Transformer, attention_mask
+from r1jax.model.layers import param
+from r1jax.model.transformer import Transformer
 
 KIND = "reward_model"  # checkpoint meta "kind": policy stages refuse these weights
 
@@ -65,12 +65,9 @@ class RewardModel(nnx.Module):
 
 def hidden_states(lm: Transformer, tokens_bt, positions_bt, segment_ids_bt):
   """Final-norm hidden states [B, T, D]: Transformer.__call__ without the LM head (no
-  cache, no MTP); tests/test_reward_model.py checks lm.head(this) == lm(...) logits."""
-  x_btd = jnp.take(lm.embed[...], tokens_bt, axis=0).astype(dtype_of(lm.cfg.dtype))
-  mask_bts = attention_mask(positions_bt, segment_ids_bt)
-  for block in lm.layers:
-    x_btd = block(x_btd, positions_bt, mask_bts)[0]
-  return lm.final_norm(x_btd)
+  cache, no MTP; model.remat and attention_chunk apply); tests/test_reward_model.py
+  checks lm.head(this) == lm(...) logits."""
+  return lm(tokens_bt, positions_bt, segment_ids_bt, mtp=False, return_hidden=True)[0]
 
 
 def bt_loss(r_chosen_p, r_rejected_p):

@@ -1,7 +1,9 @@
 """Attention: grouped-query attention (Llama / Qwen) and Multi-head Latent Attention (DeepSeek).
 
-Both take a boolean mask [B, T, S] built once per forward by the decoder, the RoPE
-tables (also built once per forward), and optionally a layer cache. A cache holds one
+Both take a `KeyMask` (which keys each query sees, as position and segment ids; each
+attention call, or each block of queries with model.attention_chunk, builds its own
+boolean [B, T, S] from it), the RoPE tables (built once per forward), and optionally a
+layer cache. A cache holds one
 slot per position (slot s stores position s), so writing token t of row b is a scatter
 at (b, positions[b, t]); continuous batching can then reset and refill a single row
 (every cache array has the batch row on axis 0).
@@ -14,6 +16,8 @@ weighted sum), so the per-head keys and values are never materialised.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +68,60 @@ def masked_softmax(scores, mask):
   return jax.nn.softmax(scores, axis=-1)
 
 
+class KeyMask(NamedTuple):
+  """Which keys each query attends to, kept as per-position ids rather than a [B, T, S]
+  boolean array, so a block of queries builds only its own rows (`over_query_blocks`):
+  at T = 32K a dense mask is 1 GiB a row. Query t of row b sees key s when they share a
+  segment, the key is not padding (segment 0), and k_pos[b, s] <= q_pos[b, t].
+  A forward without a cache compares the tokens with themselves; with a cache, the keys
+  are the slots (k_pos = slot index, k_seg = 1 where the slot holds a token)."""
+  q_pos: jax.Array  # [B, T] int32
+  q_seg: jax.Array  # [B, T] int32
+  k_pos: jax.Array  # [B, S] int32
+  k_seg: jax.Array  # [B, S] int32
+
+  def dense(self):
+    """[B, T, S] bool."""
+    same = self.q_seg[:, :, None] == self.k_seg[:, None, :]
+    return same & (self.k_seg[:, None, :] > 0) & (self.k_pos[:, None, :] <= self.q_pos[:, :, None])
+
+
+def over_query_blocks(attend, queries, mask: KeyMask, chunk: int):
+  """attend(queries, mask_bts) -> [B, T, ...], run on blocks of `chunk` queries at a time.
+
+  queries: an array or a tuple of arrays, each [B, T, ...]. Every block sees all S keys,
+  so the values are the whole call's; what changes is memory: the fp32 scores and
+  probabilities of a block are [B, H, chunk, S] instead of [B, H, T, S], and each block
+  is a jax.checkpoint, so the backward pass recomputes its scores instead of keeping
+  [T, S] of them per layer (the quadratic term of long reasoning traces: at T = 32K one
+  head's fp32 scores are 4 GiB a row). Blocks run one after another (lax.map); padding
+  queries past T see no keys and are dropped. FLOPs are the same as the whole call's:
+  fully masked (future) key blocks are not skipped.
+  """
+  single = not isinstance(queries, tuple)
+  queries = (queries,) if single else queries
+  b, t = mask.q_pos.shape
+  if not chunk or t <= chunk:
+    return attend(queries[0] if single else queries, mask.dense())
+  n = -(-t // chunk)
+  pad = n * chunk - t
+
+  def blocks(x, fill=0):  # [B, T, ...] -> [n, B, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+  def one(args):
+    q, q_pos, q_seg = args
+    block_mask = mask._replace(q_pos=q_pos, q_seg=q_seg).dense()
+    return attend(q[0] if single else q, block_mask)
+
+  # Padding queries get segment -1: no key matches it.
+  per_block = (tuple(blocks(q) for q in queries), blocks(mask.q_pos), blocks(mask.q_seg, fill=-1))
+  out = jax.lax.map(jax.checkpoint(one), per_block)
+  out = jnp.moveaxis(out, 0, 1)
+  return out.reshape((b, n * chunk) + out.shape[3:])[:, :t]
+
+
 def write_cache(cache_bs, new_bt, positions_bt):
   """Scatters new_bt [B, T, ...] into cache_bs [B, S, ...] at slot = position."""
   rows = jnp.arange(cache_bs.shape[0])[:, None]
@@ -104,7 +162,7 @@ class GQAttention(nnx.Module):
       self.q_norm = RMSNorm(dh, cfg.norm_eps, rngs, axis_name="head_dim")
       self.k_norm = RMSNorm(dh, cfg.norm_eps, rngs, axis_name="head_dim")
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, rope=None):
+  def __call__(self, x_btd, positions_bt, mask: KeyMask, cache=None, rope=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     rope = rope_tables(cfg, positions_bt) if rope is None else rope
     q = project(x_btd, self.wq[...].astype(dt))
@@ -119,13 +177,15 @@ class GQAttention(nnx.Module):
     n_kv = cfg.n_kv_heads
     q = q.reshape(b, t, n_kv, h // n_kv, dh)
     if cache is None:
-      scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-      probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
-      out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v).reshape(b, t, h, dh)
+      def attend(q, mask_bts):
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
+        return jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v)
     else:
       cache = dict(k=write_keys_t(cache["k"], k, positions_bt), v=write_cache_heads(cache["v"], v, positions_bt))
-      out = _cached_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask_bts,
-                              softmax_scale(cfg)).reshape(b, t, h, dh)
+      k_all, v_all = cache["k"].astype(dt), cache["v"].astype(dt)
+      attend = lambda q, mask_bts: _cached_attention(q, k_all, v_all, mask_bts, softmax_scale(cfg))
+    out = over_query_blocks(attend, q, mask, cfg.attention_chunk).reshape(b, t, h, dh)
     return project(out, self.wo[...].astype(dt), n_in=2), cache
 
   def init_cache(self, batch: int, length: int, dtype):
@@ -193,7 +253,7 @@ class MLAttention(nnx.Module):
     k_rope = rotate(k_rope, rope, cfg.rope_interleave)
     return c_kv, k_rope[:, :, 0, :]
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, rope=None):
+  def __call__(self, x_btd, positions_bt, mask: KeyMask, cache=None, rope=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     dn = cfg.qk_nope_head_dim
     scale = softmax_scale(cfg)
@@ -206,20 +266,28 @@ class MLAttention(nnx.Module):
       # Training / full forward: expand the latent into per-head keys and values.
       k_nope = project(c_kv, w_uk)
       v = project(c_kv, w_uv)
-      scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-      scores += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
-      probs = masked_softmax(scores * scale, mask_bts[:, None])
-      out = jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
+
+      def attend(qs, mask_bts):
+        q_nope, q_rope = qs
+        scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * scale, mask_bts[:, None])
+        return jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
+      out = over_query_blocks(attend, (q_nope, q_rope), mask, cfg.attention_chunk)
     else:
       cache = dict(c_kv=write_cache(cache["c_kv"], c_kv, positions_bt),
                    k_rope=write_cache(cache["k_rope"], k_rope, positions_bt))
       c_all, kr_all = cache["c_kv"].astype(dt), cache["k_rope"].astype(dt)
       # Absorbed form: (q W_uk^T) . c_kv == q . (c_kv W_uk), without per-head keys.
       q_lat = jnp.einsum("bthk,rhk->bthr", q_nope, w_uk)
-      scores = jnp.einsum("bthr,bsr->bhts", q_lat, c_all, preferred_element_type=jnp.float32)
-      scores += jnp.einsum("bthk,bsk->bhts", q_rope, kr_all, preferred_element_type=jnp.float32)
-      probs = masked_softmax(scores * scale, mask_bts[:, None])
-      o_lat = jnp.einsum("bhts,bsr->bthr", probs.astype(dt), c_all)
+
+      def attend(qs, mask_bts):
+        q_lat, q_rope = qs
+        scores = jnp.einsum("bthr,bsr->bhts", q_lat, c_all, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthk,bsk->bhts", q_rope, kr_all, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores * scale, mask_bts[:, None])
+        return jnp.einsum("bhts,bsr->bthr", probs.astype(dt), c_all)
+      o_lat = over_query_blocks(attend, (q_lat, q_rope), mask, cfg.attention_chunk)
       out = jnp.einsum("bthr,rhk->bthk", o_lat, w_uv)
     return project(out, self.wo[...].astype(dt), n_in=2), cache
 

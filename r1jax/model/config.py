@@ -32,6 +32,10 @@ def resolve_moe_impl(impl: str) -> str:
   return AUTO_MOE_IMPL.get(jax.default_backend(), "ragged")
 EP_ALL_TO_ALL = ("tiled", "ragged")
 DTYPES = ("float32", "bfloat16")
+# model.remat: what a differentiated forward keeps per block for the backward pass
+# (r1jax.model.transformer.REMAT_POLICIES): everything, only the block's input, or the
+# block's input plus its matmul outputs.
+REMAT_KINDS = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,12 @@ class ModelConfig:
 
   # Multi-token prediction (DeepSeek-V3 section 2.2); 0 disables the MTP head.
   mtp_depth: int = 0
+
+  # Memory of a differentiated forward (training, reference and GRPO log-probs; the
+  # sampler's prefill and decode never use them). Same values and gradients either way.
+  remat: str = "none"  # none | full | save_dots: recompute each block in the backward pass
+  attention_chunk: int = 0  # queries per attention block (scores [chunk, S], not [T, S]); 0: whole
+  logits_chunk: int = 0  # tokens per vocabulary-projection block for log-probs; 0: whole [T, V]
 
   # Precision: fp32 master params; `dtype` is the matmul/activation dtype.
   dtype: str = "float32"
@@ -168,4 +178,7 @@ class ModelConfig:
     if self.rope_type != "default":
       need(self.rope_factor >= 1.0, f"model.rope_factor={self.rope_factor} must be >= 1 for {self.rope_type} scaling")
     need(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0")
+    need(self.remat in REMAT_KINDS, f"model.remat={self.remat!r}: choose one of {REMAT_KINDS}")
+    for name in ("attention_chunk", "logits_chunk"):
+      need(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0 (0: off)")
     return out

@@ -18,14 +18,24 @@ Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_mo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from r1jax.model.attention import make_attention, rope_tables
+from r1jax.model.attention import KeyMask, make_attention, rope_tables
 from r1jax.model.config import ModelConfig
 from r1jax.model.layers import MLP, RMSNorm, activation, dtype_of, param
 from r1jax.model.moe import MoE, route
+
+# model.remat -> the jax.checkpoint policy of each block in a differentiated forward:
+# "full" keeps only the block's input (the backward pass reruns the whole block: ~1/3
+# more FLOPs, activations of one layer instead of L); "save_dots" also keeps the matmul
+# outputs without batch dimensions (the projections), and reruns the norms, RoPE,
+# softmax and activations. The attention score matmuls have batch dimensions and are
+# rerun either way.
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 # Sampling-path MoE capacities, as multiples of the mean expert load N*k/E, rounded up to
 # a multiple of 8 rows (see cached_moe).
@@ -42,10 +52,10 @@ class Block(nnx.Module):
     self.is_moe = cfg.layer_is_moe(layer)
     self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs)
 
-  def __call__(self, x_btd, positions_bt, mask_bts, cache=None, forced_experts_btk=None, rope=None,
+  def __call__(self, x_btd, positions_bt, mask: KeyMask, cache=None, forced_experts_btk=None, rope=None,
                valid_bt=None, sampling_moe=True):
     """-> (x_btd, cache, experts_btk or None, balance loss of this layer (0.0 if none))."""
-    h, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, rope)
+    h, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask, cache, rope)
     x_btd = x_btd + h
     experts, balance = None, jnp.zeros((), jnp.float32)
     if self.is_moe and cache is not None and sampling_moe:
@@ -94,10 +104,12 @@ class Transformer(nnx.Module):
     return jnp.einsum("btd,dv->btv", x_btd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
-               forced_experts=None, mtp=None, sampling_moe=True):
+               forced_experts=None, mtp=None, sampling_moe=True, return_hidden=False):
     """sampling_moe=False: with a cache, MoE layers still use the module's own (training)
     dispatch instead of `cached_moe`, for a differentiated pass through a cache (the GRPO
-    update's shared-prompt forward, r1jax.rl.trainer.prefix_shared_logits)."""
+    update's shared-prompt forward, r1jax.rl.trainer.prefix_shared_logits).
+    return_hidden=True: returns the final-normed hidden states [B, T, D] in place of the
+    logits (callers apply `head` themselves, e.g. in token blocks: model.logits_chunk)."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     b, t = tokens_bt.shape
     if positions_bt is None:
@@ -111,20 +123,24 @@ class Transformer(nnx.Module):
     else:
       rows = jnp.arange(b)[:, None]
       valid = cache["valid"].at[rows, positions_bt].set(segment_ids_bt > 0, mode="drop")
-      slots = jnp.arange(valid.shape[1])
-      mask = valid[:, None, :] & (slots[None, None, :] <= positions_bt[:, :, None])
+      slots = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
+      # Keys are the slots: a query sees the filled ones up to its own position.
+      mask = KeyMask(positions_bt, jnp.ones_like(positions_bt), slots, valid.astype(jnp.int32))
       new_layers = []
 
     experts, moe_i, balance = [], 0, jnp.zeros((), jnp.float32)
     rope = rope_tables(cfg, positions_bt)  # once, shared by every layer
     valid_bt = segment_ids_bt > 0
+    run_block = _call_block
+    if cfg.remat != "none" and (cache is None or not sampling_moe):  # a differentiated forward
+      run_block = functools.partial(_remat_block, policy=REMAT_POLICIES[cfg.remat])
     for i, block in enumerate(self.layers):
       forced = None
       if forced_experts is not None and block.is_moe:
         forced = forced_experts[moe_i]
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache, chosen, layer_balance = block(x, positions_bt, mask, layer_cache, forced, rope, valid_bt,
-                                                    sampling_moe)
+      x, layer_cache, chosen, layer_balance = run_block(block, x, positions_bt, mask, layer_cache, forced, rope,
+                                                        valid_bt, sampling_moe)
       balance = balance + layer_balance
       if cache is not None:
         new_layers.append(layer_cache)
@@ -137,10 +153,11 @@ class Transformer(nnx.Module):
       aux["balance_loss"] = balance  # summed over MoE layers (DeepSeek-V3 eq. 17: per layer)
     if cache is not None:
       aux["cache"] = dict(valid=valid, layers=tuple(new_layers))
-    logits = self.head(self.final_norm(x))
     if cfg.mtp_depth and mtp is not False and cache is None:
       aux["mtp_logits"] = self._mtp(x, tokens_bt, positions_bt, mask)
-    return logits, aux
+    if return_hidden:
+      return self.final_norm(x), aux
+    return self.head(self.final_norm(x)), aux
 
   def _mtp(self, h_btd, tokens_bt, positions_bt, mask):
     """Depth j combines h (position i) with the embedding of token i + j + 1."""
@@ -151,7 +168,11 @@ class Transformer(nnx.Module):
       e = jnp.take(self.embed[...], next_tokens, axis=0).astype(dt)
       z = jnp.concatenate([module.hidden_norm(h_btd), module.embed_norm(e)], axis=-1)
       h_btd = jnp.einsum("btc,cd->btd", z, module.proj[...].astype(dt))
-      h_btd = module.block(h_btd, positions_bt, mask)[0]
+      if self.cfg.remat == "none":
+        h_btd = module.block(h_btd, positions_bt, mask)[0]
+      else:
+        h_btd = _remat_block(module.block, h_btd, positions_bt, mask, None, None, None, None, True,
+                             policy=REMAT_POLICIES[self.cfg.remat])[0]
       out.append(self.head(module.final_norm(h_btd)))
     return jnp.stack(out)
 
@@ -160,6 +181,20 @@ class Transformer(nnx.Module):
     dt = dtype_of(self.cfg.dtype)
     return dict(valid=jnp.zeros((batch, length), bool),
                 layers=tuple(block.attn.init_cache(batch, length, dt) for block in self.layers))
+
+
+def _call_block(block, x_btd, positions_bt, mask, cache, forced_btk, rope, valid_bt, sampling_moe):
+  return block(x_btd, positions_bt, mask, cache, forced_btk, rope, valid_bt, sampling_moe)
+
+
+def _remat_block(block, *args, policy):
+  """_call_block under jax.checkpoint. The block goes in as its state (a pytree of
+  arrays) and is rebuilt inside: nnx.remat would try to write the variables back across
+  trace levels (the update merges the model inside its own jit), which nnx refuses."""
+  graphdef, state = nnx.split(block)
+  *arrays, sampling_moe = args
+  run = lambda state, *arrays: _call_block(nnx.merge(graphdef, state), *arrays, sampling_moe)
+  return jax.checkpoint(run, policy=policy)(state, *arrays)
 
 
 def moe_capacities(n_tokens: int, n_experts: int, top_k: int) -> list[int]:
@@ -227,12 +262,10 @@ def cached_moe(moe: MoE, x_btd, forced_experts_btk=None):
   return jax.lax.switch(branch, branches, x_btd), experts_nk.reshape(b, t, k)
 
 
-def attention_mask(positions_bt, segment_ids_bt):
-  """[B, T, T]: same segment, not padding, and causal by position."""
-  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real = segment_ids_bt[:, None, :] > 0
-  causal = positions_bt[:, None, :] <= positions_bt[:, :, None]
-  return same & real & causal
+def attention_mask(positions_bt, segment_ids_bt) -> KeyMask:
+  """The tokens attend to each other: same segment, not padding, causal by position
+  (`.dense()` is the [B, T, T] boolean)."""
+  return KeyMask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
 
 
 def token_logprobs(logits_btv, targets_bt):
