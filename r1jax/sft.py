@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import state as state_lib
+from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.model.transformer import token_logprobs
 
 
@@ -33,15 +34,22 @@ def next_token_mask(batch, shift: int = 1):
 def lm_loss(model, batch, mtp_weight: float = 0.0):
   """Mean negative log-likelihood over target tokens (+ weighted MTP loss, DeepSeek-V3 eq. 25)."""
   tokens = batch["tokens"]
-  logits, aux = model(tokens, batch["positions"], batch["segment_ids"])
   mask = next_token_mask(batch)
-  logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+  chunk = model.cfg.logits_chunk
+  if chunk > 0:  # the [B, T, V] logits are never held whole (r1jax.model.logprobs)
+    h_btd, aux = model(tokens, batch["positions"], batch["segment_ids"], return_hidden=True)
+    logp = token_logprobs_from_hidden(model.head, h_btd[:, :-1], tokens[:, 1:], chunk)
+  else:
+    logits, aux = model(tokens, batch["positions"], batch["segment_ids"])
+    logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
   n = jnp.maximum(mask.sum(), 1.0)
   loss = -(logp * mask).sum() / n
   metrics = dict(nll=loss, tokens=mask.sum())
   if "balance_loss" in aux:  # complementary sequence-wise balance loss (DeepSeek-V3 eq. 17)
     metrics["balance_loss"] = aux["balance_loss"]
     loss = loss + aux["balance_loss"]
+  # The MTP head's logits stay whole even with model.logits_chunk: the model returns them
+  # as aux["mtp_logits"] [D_mtp, B, T, V], so with mtp_depth > 0 the peak still holds those.
   if "mtp_logits" in aux and mtp_weight:
     mtp_losses = []
     for j in range(aux["mtp_logits"].shape[0]):
