@@ -4,7 +4,10 @@ MLA (q_lora 1536, kv_lora 512, 128 + 64 RoPE qk dims), DeepSeekMoE (1 shared + 2
 routed experts, top-8, 8 groups / top-4 groups, scaling 2.5), first 3 layers dense, YaRN
 (factor 40 over 4,096). During RL: the balancing bias is frozen (train.bias_update_rate
 0), the MTP head is off, routing replay is on (DESIGN.md). Sized for a TPU v5p pod
-slice of 1,024 chips: experts over 64, fsdp over the rest.
+slice of 1,024 chips (95 GiB each) at the paper's 32K-token completions: experts over 8,
+heads / vocabulary / FFN width over tensor 8, fsdp over the rest (16), so the 512 rollout
+rows split over 128 batch shards; remat and query / logits blocks keep a 33,792-token
+row within ~75 GiB a chip (`--dry_run` prints the terms, r1jax/memory.py).
 """
 
 from r1jax.config import default_config
@@ -26,7 +29,10 @@ def get_config():
   m.rope_theta, m.rope_type, m.rope_factor, m.rope_original_max_len = 10000.0, "yarn", 40.0, 4096
   m.yarn_beta_fast, m.yarn_beta_slow, m.yarn_mscale, m.yarn_mscale_all_dim = 32.0, 1.0, 1.0, 1.0
   m.norm_eps, m.dtype, m.mtp_depth = 1e-6, "bfloat16", 0
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 64, 1
+  # 32K-token rows: rerun each block in the backward pass and never hold [T, T] scores
+  # or [T, V] logits whole (r1jax/memory.py; the dry run shows each term).
+  m.remat, m.attention_chunk, m.logits_chunk = "full", 2048, 2048
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 8, 8
   apply_preset(c.rl, "r1_zero")
   c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-6, 0, "constant"
   c.train.bias_update_rate = 0.0

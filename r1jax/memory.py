@@ -23,21 +23,25 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   The step phases below run one at a time; the peak is the largest phase plus the above.
   update       the jitted train step on r rows per device: r = ceil(rows / W), W =
                data * fsdp * expert, rows = batch_size (pretrain / sft) or batch_size * G /
-               rl.minibatches (grpo). The model has no rematerialisation, so every tensor
-               the backward pass reads is kept for all L layers:
-                 per token and layer: the residual stream and norms (4 D c), attention
-                 projections (MLA: q latents, q, roped q, kv latents, per-head k and v, out;
-                 GQA: q, k, v, roped q and k, out; per-head terms / tensor), the FFN (dense:
-                 4 F/tensor c; MoE: fp32 router logits and scores 8 E, top_k token copies and
-                 SwiGLU intermediates k (3 D + 4 F_e/tensor) c, shared experts 4 S F_e/tensor c);
-                 per row and layer: attention is dense, so the softmax output in fp32 and in
-                 c, H/tensor x T x T x (4 + c), plus the [T, T] mask once;
-                 one layer's backward working set: H/tensor x T x T x 8 (fp32 scores and
-                 their gradient).
-               logits are not chunked: fp32 [r, T, V/tensor] logits, log-softmax and its
-               gradient (3 arrays; grpo: T + 3 N positions, the completion slice scaled by the
-               temperature, its log-softmax and the entropy's). Chunking the vocabulary
-               projection would remove most of this term; r1jax does not chunk today.
+               rl.minibatches (grpo). Activations kept for the backward pass, by model.remat:
+                 none: every tensor the backward pass reads, for all L layers, per token
+                 and layer: the residual stream and norms (4 D c), attention projections
+                 (MLA: q latents, q, roped q, kv latents, per-head k and v, out; GQA: q, k,
+                 v, roped q and k, out; per-head terms / tensor), the FFN (dense: 4 F/tensor
+                 c; MoE: fp32 router logits and scores 8 E, top_k token copies and SwiGLU
+                 intermediates k (3 D + 4 F_e/tensor) c, shared experts 4 S F_e/tensor c);
+                 full: each block's input (D c per token and layer) plus one layer's
+                 tensors above while its block reruns;
+                 save_dots: as full, plus every projection's output per layer.
+               Attention, by model.attention_chunk = q (0: q = T): the boolean mask and the
+                 fp32 scores of q queries at a time, H/tensor x q x T x 8 (scores and their
+                 gradient), plus the softmax output in fp32 and in c, H/tensor x q x T x
+                 (4 + c), kept for all L layers only when neither remat nor query blocks
+                 rerun it (the quadratic term at long T).
+               logits: fp32 [r, P, V/tensor] logits, log-softmax and gradient, P = T + 3 N
+               positions (grpo: the completion slice scaled by the temperature, its
+               log-softmax and the entropy's) or 3 T; with model.logits_chunk = n, one
+               block's: P = 3 n.
                With fsdp > 1, weights are all-gathered per use: 2 x the largest layer (or
                embedding) in fp32 without its fsdp split (one in use, one prefetched).
   rollout      (grpo) the sampler's cache for ceil(B' G / W) rows of seq_len slots, L layers:
@@ -47,8 +51,9 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
                L_moe x rows x seq_len x top_k). B' = ceil(rl.oversample x B) with dynamic
                sampling. Assumes XLA shards the cache over the batch like the training batch:
                the sampler does not constrain it.
-  reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention,
-               logits, and the whole batch (tokens, masks, expert record) on device.
+  reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention
+               (q queries at a time), logits (2 n positions with logits_chunk), and the
+               whole batch (tokens, masks, expert record) on device.
 Not counted: XLA's temporary buffers beyond the working sets above, fragmentation, the
 eval sampler (eval.n x eval.k rows), host memory. The total is a lower bound: XLA:CPU's
 own accounting of the compiled train step of small GQA and MLA + MoE models came out
@@ -151,6 +156,26 @@ def _per_token_layer_bytes(cfg, tensor: int, moe: bool, c: int) -> float:
   return total
 
 
+def _per_token_dot_bytes(cfg, tensor: int, c: int) -> float:
+  """Bytes of the matmul outputs one token keeps per layer under remat "save_dots"
+  (projections; the attention matmuls have batch dimensions and are not saved)."""
+  def split(n):
+    return n / tensor if n % tensor == 0 else n
+  d = cfg.d_model
+  if cfg.attention == "mla":
+    h = split(cfg.n_heads)
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    attn = cfg.q_lora_rank + h * (dn + dr) + (r + dr) + h * (dn + 2 * dv) + d
+  else:
+    attn = (split(cfg.n_heads) * 2 + split(cfg.n_kv_heads) * 2) * cfg.head_dim + d  # q, k, v, out, o-proj
+  if cfg.is_moe:  # the widest layer kind counts: routed experts' SwiGLU on top_k copies
+    ffn = 4 * cfg.n_experts / c + cfg.top_k * (2 * split(cfg.moe_d_ff) + d) + cfg.n_shared_experts * (
+        2 * split(cfg.moe_d_ff) + d)
+  else:
+    ffn = 2 * split(cfg.d_ff) + d
+  return (attn + ffn) * c
+
+
 def kv_slot_bytes(cfg, tensor: int = 1) -> float:
   """Sampler cache bytes of one position in one layer, per device: MLA keeps the latent
   and the RoPE key, GQA K and V (the KV heads split over `tensor` when it divides them)."""
@@ -188,16 +213,29 @@ def estimate(config, mesh_shape, params=None) -> dict:
   gathered = gathered_weight_bytes(params, mesh_shape)
   update_rows = t.batch_size * (rl.group_size // max(rl.minibatches, 1) if grpo else 1)
   r = math.ceil(update_rows / ways)
-  per_token = sum(_per_token_layer_bytes(cfg, tensor, cfg.layer_is_moe(i), c) for i in range(cfg.n_layers))
-  per_token += cfg.mtp_depth * _per_token_layer_bytes(cfg, tensor, cfg.is_moe, c)
-  attention = r * (n_layers * heads * seq * seq * (4 + c) + seq * seq + heads * seq * seq * 8)
-  activations = r * seq * per_token
+  layer_bytes = [_per_token_layer_bytes(cfg, tensor, cfg.layer_is_moe(i), c) for i in range(cfg.n_layers)]
+  layer_bytes += [_per_token_layer_bytes(cfg, tensor, cfg.is_moe, c)] * cfg.mtp_depth
+  q_rows = min(cfg.attention_chunk or seq, seq)  # queries whose scores exist at once
+  scores = heads * q_rows * seq  # one layer's fp32 scores (per row)
+  if cfg.remat == "none":
+    activations = r * seq * sum(layer_bytes)
+  else:  # each block's input, (save_dots) its projections, and one block rerun at a time
+    kept = cfg.d_model * c + (_per_token_dot_bytes(cfg, tensor, c) if cfg.remat == "save_dots" else 0)
+    activations = r * seq * (n_layers * kept + max(layer_bytes))
+  # Kept for the backward pass: every layer's softmax (fp32 and c) unless remat or query
+  # blocks rerun it; plus one layer's working set (fp32 scores and their gradient) and
+  # the boolean mask of the queries in flight.
+  kept_layers = n_layers if cfg.remat == "none" and q_rows == seq else 1
+  attention = r * (kept_layers * scores * (4 + c) + q_rows * seq + scores * 8)
   logit_positions = seq + 3 * rl.max_new_tokens if grpo else 3 * seq
+  if cfg.logits_chunk:  # one block's logits, log-softmax and gradient
+    logit_positions = min(logit_positions, 3 * cfg.logits_chunk)
   logits = r * logit_positions * vocab * 4
   phases = {"update": p + activations + attention + logits + gathered}
-  rows["update: activations (no remat)"] = activations
-  rows["update: attention scores (dense)"] = attention
-  rows["update: logits (fp32, unchunked)"] = logits
+  remat = "no remat" if cfg.remat == "none" else f"remat {cfg.remat}"
+  rows[f"update: activations ({remat})"] = activations
+  rows["update: attention scores (" + ("dense" if q_rows == seq else f"blocks of {q_rows}") + ")"] = attention
+  rows["update: logits (fp32, " + (f"blocks of {cfg.logits_chunk})" if cfg.logits_chunk else "unchunked)")] = logits
   if gathered:
     rows["fsdp-gathered weights"] = gathered
   notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
@@ -208,7 +246,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
     r_prompt = math.ceil(sampled / ways)
     prompt = seq - rl.max_new_tokens
     cache = r_roll * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)
-    prefill = r_prompt * (heads * prompt * prompt * (8 + c) + prompt * vocab * 4)
+    prefill = r_prompt * (heads * min(q_rows, prompt) * prompt * (8 + c) + prompt * vocab * 4)
     replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
     rows["rollout: KV cache"] = cache
     rows["rollout: prefill + expert record"] = prefill + replay
@@ -218,7 +256,10 @@ def estimate(config, mesh_shape, params=None) -> dict:
     batch = r_all * seq * (5 * 4 + moe_layers * cfg.top_k * 4)
     phases["update"] += batch
     if rl.beta > 0:
-      ref_fwd = r_all * (heads * seq * seq * (8 + c) + (seq + 2 * rl.max_new_tokens) * vocab * 4)
+      ref_positions = seq + 2 * rl.max_new_tokens
+      if cfg.logits_chunk:
+        ref_positions = min(ref_positions, 2 * cfg.logits_chunk)
+      ref_fwd = r_all * (scores * (8 + c) + ref_positions * vocab * 4)
       rows["reference forward (all rows)"] = ref_fwd
       phases["reference forward"] = ref_fwd + batch + gathered
   peak_phase = max(phases, key=phases.get)
@@ -306,10 +347,10 @@ def report(config, n_devices: int | None = None, device_memory_gib: float | None
         f"mesh {_mesh_text(mesh_shape)} ({n} devices)")
   for note in est["notes"]:
     print(note)
-  print(f"{'per device':<36} {'GiB':>12}")
+  print(f"{'per device':<42} {'GiB':>12}")
   for name, value in est["rows"].items():
-    print(f"{name:<36} {value / GIB:>12,.2f}")
-  print(f"{'peak (' + est['peak_phase'] + ' phase)':<36} {est['total'] / GIB:>12,.2f}")
+    print(f"{name:<42} {value / GIB:>12,.2f}")
+  print(f"{'peak (' + est['peak_phase'] + ' phase)':<42} {est['total'] / GIB:>12,.2f}")
   try:
     check(config, est, mesh_shape, memory)
   except Misfit as e:
