@@ -11,7 +11,7 @@ run() {  # run NAME TIMEOUT CMD...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?"; grep -v '^{' "$OUT/$name.log" | tail -n 12; grep '^{' "$OUT/$name.log" | tail -n 1 >> "$OUT/results.jsonl"
 }
-benches=${*:-"env ceilings kernels train_dense decode train_moe_pallas train_moe_ragged train_moe_blocked grpo_dense grpo_moe"}
+benches=${*:-"env ceilings kernels train_dense decode train_moe_pallas train_moe_ragged train_moe_blocked grpo_dense grpo_moe remat"}
 for b in $benches; do
   case $b in
     env) run env 60 python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())";;
@@ -22,6 +22,7 @@ for b in $benches; do
     train_moe_*) run "$b" 300 python3 bench/train_step.py --moe --moe_impl "${b#train_moe_}";;
     grpo_dense) run grpo_dense 300 python3 bench/grpo_step.py;;
     grpo_moe) run grpo_moe 300 python3 bench/grpo_step.py --moe;;
+    remat) run remat 420 python3 bench/remat.py --size gpu --layers 0 --rows 8 --seq_len 2048;;  # not yet run on a GPU
     *) echo "unknown bench $b";;
   esac
 done
