@@ -246,6 +246,18 @@ def print_before_after(summary: dict) -> None:
     print(f"{key:<28}{value:.3f}" if isinstance(value, float) else f"{key:<28}{value}")
 
 
+CPU_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def cpu_remat_note(config, backend: str, xla_flags: str) -> str | None:
+  """A note when model.remat is asked for on XLA:CPU without the memory-aware scheduler,
+  under which the recomputation is scheduled early and saves nothing (bench/NOTES.md)."""
+  if backend != "cpu" or config.model.remat == "none" or CPU_MEMORY_SCHEDULER_FLAG in xla_flags:
+    return None
+  return (f"note: model.remat={config.model.remat} saves memory on XLA:CPU only with the memory-aware "
+          f"scheduler: XLA_FLAGS={CPU_MEMORY_SCHEDULER_FLAG} (see bench/NOTES.md, session 7)")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   from r1jax import checkpoint, config as config_lib, parallel, session  # pylint: disable=import-outside-toplevel
@@ -262,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
   if dry_run:
     from r1jax import memory  # pylint: disable=import-outside-toplevel
     return memory.report(config)
+  note = cpu_remat_note(config, jax.default_backend(), os.environ.get("XLA_FLAGS", ""))
+  if note:
+    print(note, file=sys.stderr)
   try:
     summary = run(config)
   except (session.DataError, checkpoint.CheckpointMismatch, FloatingPointError,

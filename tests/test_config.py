@@ -106,3 +106,19 @@ def test_pod_recipes_build_abstractly(recipe, billions):
   model = nnx.eval_shape(lambda: Transformer(config_lib.model_config(config), nnx.Rngs(0)))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert abs(n / 1e9 - billions) / billions < 0.01, n
+
+
+def test_memory_knobs_are_validated_and_remat_on_cpu_gets_a_note():
+  from r1jax import train
+  for override, message in (("model.remat=some", "model.remat='some': choose one of"),
+                            ("model.attention_chunk=-1", "model.attention_chunk=-1 must be >= 0"),
+                            ("model.logits_chunk=-8", "model.logits_chunk=-8 must be >= 0")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(config_lib.apply_overrides(config_lib.default_config(), [override]))
+  config = config_lib.default_config()
+  assert train.cpu_remat_note(config, "cpu", "") is None  # remat off
+  config.model.remat = "full"
+  note = train.cpu_remat_note(config, "cpu", "--xla_force_host_platform_device_count=8")
+  assert note and train.CPU_MEMORY_SCHEDULER_FLAG in note
+  assert train.cpu_remat_note(config, "cpu", train.CPU_MEMORY_SCHEDULER_FLAG) is None
+  assert train.cpu_remat_note(config, "gpu", "") is None
