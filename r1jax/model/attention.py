@@ -3,10 +3,9 @@
 Both take a `KeyMask` (which keys each query sees, as position and segment ids; each
 attention call, or each block of queries with model.attention_chunk, builds its own
 boolean [B, T, S] from it), the RoPE tables (built once per forward), and optionally a
-layer cache. A cache holds one
-slot per position (slot s stores position s), so writing token t of row b is a scatter
-at (b, positions[b, t]); continuous batching can then reset and refill a single row
-(every cache array has the batch row on axis 0).
+layer cache. A cache holds one slot per position (slot s stores position s), so writing
+token t of row b is a scatter at (b, positions[b, t]); continuous batching can then reset
+and refill a single row (every cache array has the batch row on axis 0).
 
 GQA caches keys [B, K, Dh, S] and values [B, K, S, Dh]: the layouts XLA reads fastest
 in a decode step (see _cached_attention). MLA caches only what DeepSeek-V2 section 2.1.2 says is

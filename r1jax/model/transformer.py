@@ -5,7 +5,8 @@ Qwen2/2.5, Llama-3, Qwen3 and Qwen3-MoE; the differences are ModelConfig values.
 
 Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_moe MoE layers):
   logits_btv, aux = model(tokens_bt, positions_bt=None, segment_ids_bt=None,
-                          cache=None, forced_experts=None, mtp=None, sampling_moe=True)
+                          cache=None, forced_experts=None, mtp=None, sampling_moe=True,
+                          return_hidden=False)
   segment_ids_bt: 0 marks padding; packed rows use 1, 2, ... per example, and attention
     never crosses a segment boundary.
   aux["experts"]: [L_moe, B, T, k] chosen experts (for routing replay), or None.
@@ -14,6 +15,9 @@ Call signature (shapes: B batch, T tokens, S cache slots, V vocab, k top-k, L_mo
   aux["balance_loss"]: model.seq_balance_alpha x the sequence-wise balance loss summed
                        over MoE layers (only when alpha > 0; a packed row counts as one
                        sequence); the pretrain / SFT loss adds it.
+  return_hidden=True returns the final-normed hidden states [B, T, D] instead of logits.
+  model.remat reruns each block in the backward pass of a differentiated forward (no
+  cache, or sampling_moe=False); model.attention_chunk runs attention in query blocks.
 """
 
 from __future__ import annotations
