@@ -47,7 +47,7 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   rollout      (grpo) the sampler's cache for ceil(B' G / W) rows of seq_len slots, L layers:
                MLA keeps the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim) c a
                slot, GQA 2 K Dh c (/ tensor); the prefill of ceil(B' / W) prompts (one layer's
-               scores, fp32 prompt logits); the routing-replay record of chosen experts (int32,
+               scores, q queries at a time; the last prompt token's fp32 logits); the routing-replay record of chosen experts (int32,
                L_moe x rows x seq_len x top_k). B' = ceil(rl.oversample x B) with dynamic
                sampling. Assumes XLA shards the cache over the batch like the training batch:
                the sampler does not constrain it.
@@ -246,7 +246,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
     r_prompt = math.ceil(sampled / ways)
     prompt = seq - rl.max_new_tokens
     cache = r_roll * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)
-    prefill = r_prompt * (heads * min(q_rows, prompt) * prompt * (8 + c) + prompt * vocab * 4)
+    prefill = r_prompt * (heads * min(q_rows, prompt) * prompt * (8 + c) + vocab * 4)
     replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
     rows["rollout: KV cache"] = cache
     rows["rollout: prefill + expert record"] = prefill + replay
