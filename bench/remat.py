@@ -59,8 +59,10 @@ def measure(cfg, rows: int, seq_len: int, iters: int) -> dict:
   # The loss's gradient alone (no optimizer), to tell XLA's scheduling of the whole step
   # apart from what the knob saves in the backward pass itself.
   model_graphdef, params, other = state_lib.split_model(model)
-  loss = lambda p, b: sft.lm_loss(state_lib.merge(model_graphdef, p, other), b)[0]  # pylint: disable=unnecessary-lambda-assignment
-  grad_temp = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+  def loss(p, b):
+    return sft.lm_loss(state_lib.merge(model_graphdef, p, other), b)[0]
+  grad = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile()
+  grad_temp = grad.memory_analysis().temp_size_in_bytes
   step = jax.jit(sft.make_step(graphdef, tx), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   m = compiled.memory_analysis()
@@ -71,8 +73,8 @@ def measure(cfg, rows: int, seq_len: int, iters: int) -> dict:
     start = time.perf_counter()
     state, _ = jax.block_until_ready(compiled(state, batch))
     times.append(time.perf_counter() - start)
-  return dict(grad_temp_bytes=int(grad_temp), temp_bytes=int(m.temp_size_in_bytes), peak_bytes=int(peak), seconds=statistics.median(times),
-              all_seconds=times)
+  return dict(grad_temp_bytes=int(grad_temp), temp_bytes=int(m.temp_size_in_bytes), peak_bytes=int(peak),
+              seconds=statistics.median(times), all_seconds=times)
 
 
 def main():
@@ -96,20 +98,19 @@ def main():
     print(f"measured {name}: {results[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
 
   ref = results.get("none")
-  print(f"SFT step, {args.size} model ({base.n_layers} layers), {args.rows} rows x {args.seq_len} tokens, {jax.devices()[0].platform}, "
-        f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  platform = jax.devices()[0].platform
+  print(f"SFT step, {args.size} model ({base.n_layers} layers), {args.rows} rows x {args.seq_len} tokens, "
+        f"{platform}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"{'variant':<18} {'knobs':<52} {'grad temp':>9} {'x none':>7} {'step temp':>9} {'peak MiB':>9} "
         f"{'x none':>7} {'step s':>7} {'x none':>7}")
   for name, r in results.items():
     knobs = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-"
-    grad_ratio = r["grad_temp_bytes"] / ref["grad_temp_bytes"] if ref else float("nan")
-    mem_ratio = r["peak_bytes"] / ref["peak_bytes"] if ref else float("nan")
-    time_ratio = r["seconds"] / ref["seconds"] if ref else float("nan")
-    print(f"{name:<18} {knobs:<52} {r['grad_temp_bytes'] / 2**20:9.1f} {grad_ratio:7.2f} "
+    ratio = lambda key, r=r: r[key] / ref[key] if ref else float("nan")  # pylint: disable=unnecessary-lambda-assignment
+    print(f"{name:<18} {knobs:<52} {r['grad_temp_bytes'] / 2**20:9.1f} {ratio('grad_temp_bytes'):7.2f} "
           f"{r['temp_bytes'] / 2**20:9.1f} {r['peak_bytes'] / 2**20:9.1f} "
-          f"{mem_ratio:7.2f} {r['seconds']:7.3f} {time_ratio:7.2f}")
-  print(json.dumps(dict(size=args.size, layers=base.n_layers, rows=args.rows, seq_len=args.seq_len, platform=jax.devices()[0].platform,
-                        xla_flags=os.environ.get("XLA_FLAGS", ""), variants=results)))
+          f"{ratio('peak_bytes'):7.2f} {r['seconds']:7.3f} {ratio('seconds'):7.2f}")
+  print(json.dumps(dict(size=args.size, layers=base.n_layers, rows=args.rows, seq_len=args.seq_len,
+                        platform=platform, xla_flags=os.environ.get("XLA_FLAGS", ""), variants=results)))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def train_flops(cfg: ModelConfig, n_tokens: int, seq_len: int) -> float:
 def grpo_forward_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int, new_tokens: int,
                        shared_prefix: bool) -> float:
   """Model FLOPs of one forward over a GRPO batch of B prompts x G completions: the
-  prompts B times when each group's prompt runs once (trainer.prefix_shared_logits),
+  prompts B times when each group's prompt runs once (trainer.prefix_shared_hidden),
   B*G times when every row runs whole. A completion token at position Tp + j attends
   to Tp + j + 1 keys: on average those of a (2 Tp + N)-token sequence."""
   prompt_rows = prompts if shared_prefix else prompts * group

@@ -47,10 +47,11 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   rollout      (grpo) the sampler's cache for ceil(B' G / W) rows of seq_len slots, L layers:
                MLA keeps the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim) c a
                slot, GQA 2 K Dh c (/ tensor); the prefill of ceil(B' / W) prompts (one layer's
-               scores, q queries at a time; the last prompt token's fp32 logits); the routing-replay record of chosen experts (int32,
-               L_moe x rows x seq_len x top_k). B' = ceil(rl.oversample x B) with dynamic
-               sampling. Assumes XLA shards the cache over the batch like the training batch:
-               the sampler does not constrain it.
+               scores, q queries at a time; the last prompt token's fp32 logits); the
+               routing-replay record of chosen experts (int32, L_moe x rows x seq_len x
+               top_k). B' = ceil(rl.oversample x B) with dynamic sampling. Assumes XLA
+               shards the cache over the batch like the training batch: the sampler does
+               not constrain it.
   reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention
                (q queries at a time), logits (2 n positions with logits_chunk), and the
                whole batch (tokens, masks, expert record) on device.
@@ -129,10 +130,15 @@ def gathered_weight_bytes(params, mesh_shape) -> float:
   return 2 * max(units.values())
 
 
+def _per_tensor(n: int, tensor: int) -> float:
+  """A per-head / per-feature dimension's share of one device: split over the tensor axis
+  when it divides (parallel.TRAIN_RULES leaves it whole otherwise)."""
+  return n / tensor if n % tensor == 0 else n
+
+
 def _per_token_layer_bytes(cfg, tensor: int, moe: bool, c: int) -> float:
   """Activation bytes one token keeps for the backward pass in one layer (see the docstring)."""
-  def split(n):  # a per-head / per-feature dimension split over tensor when it divides
-    return n / tensor if n % tensor == 0 else n
+  split = lambda n: _per_tensor(n, tensor)  # pylint: disable=unnecessary-lambda-assignment
   d = cfg.d_model
   total = 4 * d * c + d * c  # residual in, attn norm, residual mid, ffn norm; o-projection out
   if cfg.attention == "mla":
@@ -159,8 +165,7 @@ def _per_token_layer_bytes(cfg, tensor: int, moe: bool, c: int) -> float:
 def _per_token_dot_bytes(cfg, tensor: int, c: int) -> float:
   """Bytes of the matmul outputs one token keeps per layer under remat "save_dots"
   (projections; the attention matmuls have batch dimensions and are not saved)."""
-  def split(n):
-    return n / tensor if n % tensor == 0 else n
+  split = lambda n: _per_tensor(n, tensor)  # pylint: disable=unnecessary-lambda-assignment
   d = cfg.d_model
   if cfg.attention == "mla":
     h = split(cfg.n_heads)
@@ -182,7 +187,7 @@ def kv_slot_bytes(cfg, tensor: int = 1) -> float:
   c = 2 if cfg.dtype == "bfloat16" else 4
   if cfg.attention == "mla":
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
-  kv = cfg.n_kv_heads / tensor if cfg.n_kv_heads % tensor == 0 else cfg.n_kv_heads
+  kv = _per_tensor(cfg.n_kv_heads, tensor)
   return 2 * kv * cfg.head_dim * c
 
 
@@ -198,8 +203,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
   grpo = config.stage == "grpo" or (config.stage == "pipeline" and "grpo" in config.stages)
   rl, t = config.rl, config.train
   seq = t.seq_len
-  heads = cfg.n_heads / tensor if cfg.n_heads % tensor == 0 else cfg.n_heads
-  vocab = cfg.vocab_size / tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+  heads, vocab = _per_tensor(cfg.n_heads, tensor), _per_tensor(cfg.vocab_size, tensor)
   n_layers = cfg.n_layers + cfg.mtp_depth
   moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.n_layers))
 

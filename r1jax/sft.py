@@ -35,13 +35,9 @@ def lm_loss(model, batch, mtp_weight: float = 0.0):
   """Mean negative log-likelihood over target tokens (+ weighted MTP loss, DeepSeek-V3 eq. 25)."""
   tokens = batch["tokens"]
   mask = next_token_mask(batch)
-  chunk = model.cfg.logits_chunk
-  if chunk > 0:  # the [B, T, V] logits are never held whole (r1jax.model.logprobs)
-    h_btd, aux = model(tokens, batch["positions"], batch["segment_ids"], return_hidden=True)
-    logp = token_logprobs_from_hidden(model.head, h_btd[:, :-1], tokens[:, 1:], chunk)
-  else:
-    logits, aux = model(tokens, batch["positions"], batch["segment_ids"])
-    logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+  # model.logits_chunk tokens at a time through the vocabulary projection (r1jax.model.logprobs).
+  h_btd, aux = model(tokens, batch["positions"], batch["segment_ids"], return_hidden=True)
+  logp = token_logprobs_from_hidden(model.head, h_btd[:, :-1], tokens[:, 1:], model.cfg.logits_chunk)
   n = jnp.maximum(mask.sum(), 1.0)
   loss = -(logp * mask).sum() / n
   metrics = dict(nll=loss, tokens=mask.sum())

@@ -1,4 +1,4 @@
-"""The GRPO forward that runs each group's prompt once (trainer.prefix_shared_logits)
+"""The GRPO forward that runs each group's prompt once (trainer.prefix_shared_hidden)
 equals the whole-row forward: log-probs and their gradients, for dense GQA and MoE MLA
 (with routing replay), left-padded prompts and completions that stop early."""
 

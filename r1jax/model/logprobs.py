@@ -50,5 +50,7 @@ def token_logprobs_from_hidden(head_fn, h_btd, targets_bt, chunk: int, temperatu
   # whole [B, T, V] again, stacked); this way it keeps only each block's inputs.
   body = jax.checkpoint(lambda xs: _block_logprobs(head_fn, xs[0], xs[1], temperature, with_entropy))
   out = jax.lax.map(body, (h_kbcd, targets_kbc))
-  unblock = lambda x_kbc: x_kbc.swapaxes(0, 1).reshape(b, k * chunk)[:, :t]  # pylint: disable=unnecessary-lambda-assignment
+
+  def unblock(x_kbc):
+    return x_kbc.swapaxes(0, 1).reshape(b, k * chunk)[:, :t]
   return jax.tree.map(unblock, out)

@@ -111,7 +111,7 @@ class Transformer(nnx.Module):
                forced_experts=None, mtp=None, sampling_moe=True, return_hidden=False):
     """sampling_moe=False: with a cache, MoE layers still use the module's own (training)
     dispatch instead of `cached_moe`, for a differentiated pass through a cache (the GRPO
-    update's shared-prompt forward, r1jax.rl.trainer.prefix_shared_logits).
+    update's shared-prompt forward, r1jax.rl.trainer.prefix_shared_hidden).
     return_hidden=True: returns the final-normed hidden states [B, T, D] in place of the
     logits (callers apply `head` themselves, e.g. in token blocks: model.logits_chunk)."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
@@ -135,9 +135,7 @@ class Transformer(nnx.Module):
     experts, moe_i, balance = [], 0, jnp.zeros((), jnp.float32)
     rope = rope_tables(cfg, positions_bt)  # once, shared by every layer
     valid_bt = segment_ids_bt > 0
-    run_block = _call_block
-    if cfg.remat != "none" and (cache is None or not sampling_moe):  # a differentiated forward
-      run_block = functools.partial(_remat_block, policy=REMAT_POLICIES[cfg.remat])
+    run_block = self._block_runner(differentiated=cache is None or not sampling_moe)
     for i, block in enumerate(self.layers):
       forced = None
       if forced_experts is not None and block.is_moe:
@@ -163,6 +161,13 @@ class Transformer(nnx.Module):
       return self.final_norm(x), aux
     return self.head(self.final_norm(x)), aux
 
+  def _block_runner(self, differentiated: bool):
+    """How a block is called: under jax.checkpoint (model.remat) in a differentiated
+    forward, plainly otherwise (the sampler's prefill and decode)."""
+    if self.cfg.remat == "none" or not differentiated:
+      return _call_block
+    return functools.partial(_remat_block, policy=REMAT_POLICIES[self.cfg.remat])
+
   def _mtp(self, h_btd, tokens_bt, positions_bt, mask):
     """Depth j combines h (position i) with the embedding of token i + j + 1."""
     dt = dtype_of(self.cfg.dtype)
@@ -172,11 +177,8 @@ class Transformer(nnx.Module):
       e = jnp.take(self.embed[...], next_tokens, axis=0).astype(dt)
       z = jnp.concatenate([module.hidden_norm(h_btd), module.embed_norm(e)], axis=-1)
       h_btd = jnp.einsum("btc,cd->btd", z, module.proj[...].astype(dt))
-      if self.cfg.remat == "none":
-        h_btd = module.block(h_btd, positions_bt, mask)[0]
-      else:
-        h_btd = _remat_block(module.block, h_btd, positions_bt, mask, None, None, None, None, True,
-                             policy=REMAT_POLICIES[self.cfg.remat])[0]
+      h_btd = self._block_runner(differentiated=True)(module.block, h_btd, positions_bt, mask, None, None, None,
+                                                       None, True)[0]
       out.append(self.head(module.final_norm(h_btd)))
     return jnp.stack(out)
 

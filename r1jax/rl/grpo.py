@@ -309,7 +309,7 @@ def default_rl_config():
       ref_refresh_every=0,       # copy the policy into the reference every N steps
       routing_replay=True,       # MoE: replay the rollout's expert choices in the update
       shared_prefix=True,        # reference and update forwards run each group's prompt once
-                                 # (trainer.prefix_shared_logits) when minibatches hold whole groups
+                                 # (trainer.prefix_shared_hidden) when minibatches hold whole groups
       # DAPO extras.
       dynamic_sampling=False,    # keep only groups with unequal rewards (select_groups)
       oversample=1.0,            # sample ceil(oversample * B) groups to select B from

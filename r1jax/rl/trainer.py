@@ -24,7 +24,6 @@ from r1jax import state as state_lib
 from r1jax.data import templates
 from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.logprobs import token_logprobs_from_hidden
-from r1jax.model.transformer import token_logprobs
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
 from r1jax.sampling.sampler import generate, prefill
@@ -48,44 +47,31 @@ def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
 
 def completion_logprobs(graphdef, params, other, batch, prompt_len: int, temperature: float,
                         replay: bool, with_entropy: bool = False, group_size: int = 0):
-  """log pi(completion token) [B, N] at the sampling temperature (fp32).
+  """log pi(completion token) [B, N] at the sampling temperature (fp32), and with_entropy
+  the entropy of each of those distributions [B, N].
 
   group_size = G > 1: rows come in groups of G that repeat one prompt (sequence_batch),
-  and the prompt runs once per group (`prefix_shared_logits`); 0: every row runs whole.
-  model.logits_chunk > 0: the [B, N, V] logits are never held whole (r1jax.model.logprobs).
+  and the prompt runs once per group (`prefix_shared_hidden`); 0: every row runs whole.
+  Only the positions that predict a completion token go through the vocabulary
+  projection, model.logits_chunk tokens at a time (0: all at once; r1jax.model.logprobs).
   """
   model = state_lib.merge(graphdef, params, other)
   forced = batch.get("experts") if replay else None
   if forced is not None:
     forced = jnp.moveaxis(forced, 0, 1)  # [L, B, T, k] as the model takes it
-  if model.cfg.logits_chunk > 0:
-    if group_size > 1:
-      h_bnd = prefix_shared_logits(model, batch, prompt_len, group_size, forced, return_hidden=True)
-    else:
-      h_bnd, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced,
-                       return_hidden=True)
-      h_bnd = h_bnd[:, prompt_len - 1:-1]
-    return token_logprobs_from_hidden(model.head, h_bnd, batch["tokens"][:, prompt_len:],
-                                      model.cfg.logits_chunk, temperature, with_entropy)
   if group_size > 1:
-    logits = prefix_shared_logits(model, batch, prompt_len, group_size, forced)
+    h_bnd = prefix_shared_hidden(model, batch, prompt_len, group_size, forced)
   else:
-    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced)
-    logits = logits[:, prompt_len - 1:-1]
-  logits = logits / temperature
-  logp = token_logprobs(logits, batch["tokens"][:, prompt_len:])
-  if not with_entropy:
-    return logp
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
-  return logp, entropy
+    h_btd, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], forced_experts=forced,
+                     return_hidden=True)
+    h_bnd = h_btd[:, prompt_len - 1:-1]
+  return token_logprobs_from_hidden(model.head, h_bnd, batch["tokens"][:, prompt_len:], model.cfg.logits_chunk,
+                                    temperature, with_entropy)
 
 
-def prefix_shared_logits(model, batch, prompt_len: int, group_size: int, forced_lrtk=None,
-                         return_hidden=False):
-  """Logits [R, N, V] of the model at each completion token's preceding position, with
-  the prompt run once per group of G rows instead of G times. return_hidden=True: the
-  final-normed hidden states [R, N, D] there instead (for model.logits_chunk).
+def prefix_shared_hidden(model, batch, prompt_len: int, group_size: int, forced_lrtk=None):
+  """Final-normed hidden states [R, N, D] of the model at each completion token's
+  preceding position, with the prompt run once per group of G rows instead of G times.
 
   The G rows of a group repeat one prompt, so their prompt hidden states are equal. The
   prompt (one row per group) runs into a KV cache, the cache is copied to the group's
@@ -105,16 +91,15 @@ def prefix_shared_logits(model, batch, prompt_len: int, group_size: int, forced_
   if forced_lrtk is not None:  # [L, R, T, k]
     forced_p = forced_lrtk.reshape((forced_lrtk.shape[0], b, g) + forced_lrtk.shape[2:])[:, :, 0, :prompt_len]
     forced_c = forced_lrtk[:, :, prompt_len:]
-  # out_*: logits, or hidden states with return_hidden.
-  out_last_b, cache, lengths_b, _ = prefill(model, prompt_ids, prompt_seg, t, forced_experts=forced_p,
-                                            sampling_moe=False, return_hidden=return_hidden)
+  h_last_bd, cache, lengths_b, _ = prefill(model, prompt_ids, prompt_seg, t, forced_experts=forced_p,
+                                           sampling_moe=False, return_hidden=True)
   cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=0), cache)
   # Completion token j of a row sits at position prompt length + j: one slot each, also
   # past the stop (those tokens are masked out as keys and in the loss).
   pos_c = jnp.repeat(lengths_b, g)[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-  out_c, _ = model(batch["tokens"][:, prompt_len:], pos_c, batch["segment_ids"][:, prompt_len:],
-                   cache=cache, forced_experts=forced_c, sampling_moe=False, return_hidden=return_hidden)
-  return jnp.concatenate([jnp.repeat(out_last_b[:, None], g, axis=0), out_c[:, :-1]], axis=1)
+  h_rnd, _ = model(batch["tokens"][:, prompt_len:], pos_c, batch["segment_ids"][:, prompt_len:],
+                   cache=cache, forced_experts=forced_c, sampling_moe=False, return_hidden=True)
+  return jnp.concatenate([jnp.repeat(h_last_bd[:, None], g, axis=0), h_rnd[:, :-1]], axis=1)
 
 
 def shared_prefix_group(rl, rows: int) -> int:

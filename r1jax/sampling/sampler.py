@@ -88,9 +88,9 @@ def prefill(model, prompt_ids_bt, prompt_mask_bt, cache_len: int, forced_experts
   Returns (logits_bv of the last prompt token, cache, prompt lengths [B], prompt experts
   [L, B, Tp, k] or None). Left padding: the last column is the last real token.
   forced_experts / sampling_moe: as the model takes them (the GRPO update's differentiated
-  prefill, r1jax.rl.trainer.prefix_shared_logits, replays experts with the training
+  prefill, r1jax.rl.trainer.prefix_shared_hidden, replays experts with the training
   MoE dispatch). return_hidden=True: the last token's final-normed hidden state [B, D]
-  in place of its logits (that update with model.logits_chunk).
+  in place of its logits (that update projects it with the completions' states).
   """
   b, _ = prompt_ids_bt.shape
   pos_bt = prompt_positions(prompt_mask_bt, cache_len)
