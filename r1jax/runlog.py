@@ -30,6 +30,9 @@ class MetricsLog:
       os.makedirs(workdir, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        # tensorboardX checks, then creates the folder: make it first so that two writers
+        # starting together cannot race into FileExistsError.
+        os.makedirs(os.path.join(workdir, "tb"), exist_ok=True)
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
         self.tb = None

@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from r1jax import config as config_lib
-from r1jax import rejection, session
+from r1jax import rejection, runlog, session
 
 N_PROMPTS = 7
 PROVENANCE = dict(checkpoint="/ckpt/3_grpo/checkpoints", checkpoint_step=12, temperature=1.0)
@@ -151,6 +151,9 @@ def test_hosts_sample_together_and_write_their_own_prompts(tmp_path, monkeypatch
   meet, local = threading.Barrier(2, timeout=60), threading.local()
   monkeypatch.setattr(rejection, "barrier", meet.wait)
   monkeypatch.setattr(rejection, "hosts", lambda: (local.host, 2))
+  # Only host 0 writes the run log, as jax.process_index() decides on a pod. Two threads that
+  # both think they are process 0 race to create the same TensorBoard folder.
+  monkeypatch.setattr(runlog, "is_main_process", lambda: local.host == 0)
   calls_by_host, summaries, errors = [[], []], [None, None], []
 
   def host_main(host):
