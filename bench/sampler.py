@@ -1,6 +1,6 @@
 """Sampler throughput and slot utilisation, side by side with a peer (tunix's sampler).
 
-  python bench/sampler.py [--moe] [--iters 5] [--devices 1] [--slots 16]
+  python bench/sampler.py [--moe] [--iters 5] [--devices 1 [--mesh_axis expert|data]] [--slots 16]
                           [--peer_python /work/peer_venv/bin/python | --no_peer]
 
 Workload (issue 4): vocab 512, d_model 256, 4 layers, 4 heads / 2 KV heads, head_dim 64,
@@ -27,10 +27,12 @@ peer's (medians); pair_ratio = the median over back-to-back pairs; the cpu-s col
 process CPU time per call (both sides single-process), a second view that is less
 sensitive to other load than wall time.
 
---devices N (N > 1) makes XLA treat the CPU as N devices and runs plain batching as
-data-parallel rollouts (`generate(mesh=...)`, prompts split over the devices): how our
-sampler uses more than one core. The default, 1, is one device like the peer. The last
-line printed is one JSON object.
+--devices N (N > 1) makes XLA treat the CPU as N devices and runs plain batching on a
+mesh of one axis (`generate(mesh=...)`, prompts split over the devices): how our sampler
+uses more than one core. --mesh_axis names that axis: "data" holds every expert on every
+device; "expert" (the default with --moe) also splits the routed experts over the
+devices (expert-parallel decode, r1jax/model/cached_moe.py). The default, 1, is one
+device like the peer. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def main():
                   help="plain batching: decode segments over a growing cache (default: the trainer's)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--devices", type=int, default=1, help="CPU devices for data-parallel rollouts")
+  ap.add_argument("--mesh_axis", choices=("data", "expert"), default=None,
+                  help="with --devices > 1: the mesh axis (default: expert with --moe, else data)")
   ap.add_argument("--peer_python", default=DEFAULT_PEER)
   ap.add_argument("--no_peer", action="store_true")
   args = ap.parse_args()
@@ -165,7 +169,8 @@ def main():
   mesh = None
   if args.devices > 1:
     assert len(jax.devices()) == args.devices, jax.devices()
-    mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    axis = args.mesh_axis or ("expert" if args.moe else "data")
+    mesh = jax.make_mesh((args.devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
 
   def sample(i, **kw):
     if "slots" not in kw:
@@ -204,7 +209,8 @@ def main():
   kind = "moe (8 experts top-2)" if args.moe else "dense"
   print(f"workload: {kind}, {args.prompts} prompts x G={args.group}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, T=1.0, fp32, jax {jax.__version__}, {jax.devices()[0].platform} x "
-        f"{args.devices} device(s) (continuous batching: 1 device)")
+        f"{args.devices} device(s){f' on a {mesh.axis_names[0]} axis' if mesh is not None else ''} "
+        f"(continuous batching: 1 device)")
   print(f"{'':32s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s} {'cpu-s':>6s}")
   print(f"{'r1jax generate':32s} {tokens:7d} {sec:8.3f} {ours_tps:9,.0f} "
         f"{(ours_tps / peer_tps) if peer_tps else float('nan'):6.2f} {cpu_sec:6.2f}")
@@ -221,7 +227,8 @@ def main():
     print(f"{name:32s} {m['utilisation']:11.1%} {m['steps']:6d} {m['slot_steps']:10d} {m['tokens_per_s']:9,.0f} "
           f"{m['utilisation_fixed_rows']:26.1%}")
   cont = mix[f"continuous ({args.slots} slots)"]
-  result = dict(workload=kind, devices=args.devices, tokens=tokens, seconds=times, cpu_seconds=cpu_times,
+  result = dict(workload=kind, devices=args.devices, mesh_axis=mesh.axis_names[0] if mesh is not None else None,
+                tokens=tokens, seconds=times, cpu_seconds=cpu_times,
                 tokens_per_s=ours_tps,
                 slot_utilisation=cont["utilisation"], slot_utilisation_plain=mix["plain"]["utilisation"],
                 heavy_tailed=mix, slots=args.slots)

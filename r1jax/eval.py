@@ -62,7 +62,8 @@ def evaluate(graphdef, state, tokenizer, examples, *, template: str, prompt_len:
     # rows split over hosts), so every host computes the same figures.
     out = parallel.to_host(generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask,
                                     rng=jax.random.fold_in(jax.random.key(seed), start),
-                                    group_size=k, params=params))
+                                    group_size=k, params=params,
+                                    mesh=parallel.rollout_mesh(state, len(chunk))))
     texts = completions_of(tokenizer, out)
     rep_prompts = [p for p in prompts for _ in range(k)]
     rep_examples = [e for e in chunk for _ in range(k)]

@@ -254,6 +254,30 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
   return P(*out)
 
 
+def rollout_mesh(state, n_prompts: int) -> Mesh | None:
+  """The mesh a stage's rollouts split their prompts over (`generate(mesh=...)`), or None.
+
+  `state` is the model state the sampler gets; its mesh is the stage's. Splitting the
+  prompts over the batch axes (data / fsdp / expert), each device decoding its own rows
+  with the dense weights whole and, with mesh.expert > 1, its slice of the routed
+  experts, is the sampler's own layout (SAMPLING_RULES: no fsdp split while decoding).
+  None, and XLA partitions the sampler from the weights' shardings instead, when:
+  the batch axes are 1 (nothing to split); n_prompts does not divide over them;
+  mesh.tensor > 1 (the sampler's shard_map would gather tensor-split weights whole);
+  several processes (every host calls the sampler with the same global prompts, and
+  the shard_map path is tested in one process only).
+  """
+  meshes = [x.sharding.mesh for x in jax.tree.leaves(state)
+            if isinstance(getattr(x, "sharding", None), NamedSharding)]
+  if not meshes or jax.process_count() > 1:
+    return None
+  mesh = meshes[0]
+  shards = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+  if shards == 1 or n_prompts % shards or mesh.shape.get("tensor", 1) > 1:
+    return None
+  return mesh
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading dimension over the batch axes, the rest replicated."""
   axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)

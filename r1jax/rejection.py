@@ -138,9 +138,10 @@ def make_sampler(config, workdir: str, init_from: str | None, prompt_len: int, m
 
   def sample_fn(prompts, rng):
     ids, mask = templates.encode_prompts(prompts, tok, prompt_len, config.data.template)
-    out = parallel.to_host(generate(st.graphdef, (st.state.params, st.state.other),
-                                    prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
-                                    group_size=rj.n_samples, params=params))
+    state = (st.state.params, st.state.other)
+    out = parallel.to_host(generate(st.graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
+                                    group_size=rj.n_samples, params=params,
+                                    mesh=parallel.rollout_mesh(state, len(prompts))))
     texts = completions_of(tok, out)
     n_r = np.asarray(out["mask"]).sum(-1)
     last_r = np.asarray(out["tokens"])[np.arange(len(n_r)), np.maximum(n_r - 1, 0)]

@@ -163,7 +163,7 @@ def test_cached_moe_equals_moe_module(forced):
   """The sampling path's MoE dispatch (capacity buffers, chosen at run time) gives the
   module's outputs and experts: with its own routing, with replayed experts, and with a
   skewed replay whose busiest expert overflows every capacity (the module's fallback)."""
-  from r1jax.model.transformer import cached_moe, moe_capacities  # pylint: disable=import-outside-toplevel
+  from r1jax.model.cached_moe import cached_moe, moe_capacities  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(n_experts=16, top_k=2, n_shared_experts=1, moe_d_ff=32, d_model=32)
   moe = Transformer(cfg, nnx.Rngs(3)).layers[0].ffn
   b, t = 40, 1

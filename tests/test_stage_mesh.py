@@ -26,3 +26,38 @@ def test_pretrain_stage_runs_moe_expert_parallel(tmp_path, monkeypatch):
   summary = sft.run(c, "pretrain", str(tmp_path / "wd"))
   assert calls and all(shape["expert"] == 2 for shape in calls), calls
   assert np.isfinite(summary["final_loss"])
+
+
+def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch):
+  """A GRPO stage on a (data 4, expert 2) mesh samples its rollouts with the prompts
+  split over the batch axes and the routed experts over `expert` (cached_moe's
+  expert-parallel branch), rather than every device decoding every row."""
+  from r1jax.model import cached_moe
+  from r1jax.rl import trainer as trainer_lib
+  from r1jax.sampling import sampler
+  meshes, ep_calls = [], []
+  real_generate, real_ep = sampler.generate, cached_moe._expert_parallel
+
+  def spy_generate(*args, **kw):
+    meshes.append(None if kw.get("mesh") is None else dict(kw["mesh"].shape))
+    return real_generate(*args, **kw)
+
+  def spy_ep(run, x_nd, *args):
+    ep_calls.append(x_nd.shape)
+    return real_ep(run, x_nd, *args)
+
+  monkeypatch.setattr(trainer_lib, "generate", spy_generate)
+  monkeypatch.setattr(cached_moe, "_expert_parallel", spy_ep)
+  config = config_lib.apply_overrides(config_lib.default_config(), [
+      "stage=grpo", f"workdir={tmp_path}", "train.steps=1", "train.batch_size=8", "train.log_every=1",
+      "train.seq_len=40", "data.n_train=64", "data.n_test=8", "eval.n=8", "eval.every=0",
+      "rl.group_size=2", "rl.max_new_tokens=12", "model.n_experts=4", "model.top_k=2",
+      "model.moe_d_ff=32", "model.n_layers=2", "mesh.data=-1", "mesh.expert=2"])
+  config_lib.validate(config)
+  summary = trainer_lib.run(config, str(tmp_path))
+  assert meshes and meshes[0] is not None and meshes[0]["data"] == 4 and meshes[0]["expert"] == 2, meshes
+  # Traced per MoE layer: the prefill of each device's own prompt (8 prompts / 8 devices,
+  # 28 prompt tokens) and decode steps of its own rows (16 rows / 8 = 2). Unsplit, the
+  # prefill alone would route 8 x 28 = 224 tokens on every device.
+  assert {(28, 64), (2, 64)} <= set(ep_calls) and max(s[0] for s in ep_calls) <= 28, sorted(set(ep_calls))
+  assert 0 <= summary["final_accuracy"] <= 1

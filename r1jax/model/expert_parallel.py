@@ -112,7 +112,7 @@ def _exchange(x_pc, sizes_p, mode: str):
   return out.reshape(x_pc.shape)
 
 
-def _local_experts(x_md, eid_m, e_local: int, w_gate_edf, w_up_edf, w_down_efd, act, impl):
+def local_experts(x_md, eid_m, e_local: int, w_gate_edf, w_up_edf, w_down_efd, act, impl):
   """Received rows through their local expert (eid_m = e_local: an empty row, output 0).
   Returns (y_md, rows per local expert [E_loc])."""
   order = jnp.argsort(eid_m, stable=True)
@@ -157,7 +157,7 @@ def _round_trip(x_pcd, eid_pc, sizes_p, e_local: int, ws, cfg: ModelConfig):
   if cfg.ep_all_to_all == "ragged" and ep > 1:  # rows past a sender's count arrive as 0, not "empty"
     recv_p = lax.all_to_all(sizes_p, EXPERT_AXIS, 0, 0, tiled=True)
     eid_recv = jnp.where(jnp.arange(cap)[None, :] < recv_p[:, None], eid_recv, e_local)
-  y_md, load_e = _local_experts(x_recv.reshape(ep * cap, d), eid_recv.reshape(-1), e_local, *ws,
+  y_md, load_e = local_experts(x_recv.reshape(ep * cap, d), eid_recv.reshape(-1), e_local, *ws,
                                 activation(cfg.hidden_act), resolve_moe_impl(cfg.moe_impl))
   recv_sizes_p = (eid_recv < e_local).sum(-1).astype(jnp.int32)
   return _exchange(y_md.reshape(ep, cap, d), recv_sizes_p, cfg.ep_all_to_all), load_e

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.model.attention import KeyMask, make_attention, rope_tables
+from r1jax.model.cached_moe import cached_moe
 from r1jax.model.config import ModelConfig
-from r1jax.model.layers import MLP, RMSNorm, activation, dtype_of, param
-from r1jax.model.moe import MoE, route
+from r1jax.model.layers import MLP, RMSNorm, dtype_of, param
+from r1jax.model.moe import MoE
 
 # model.remat -> the jax.checkpoint policy of each block in a differentiated forward:
 # "full" keeps only the block's input (the backward pass reruns the whole block: ~1/3
@@ -40,11 +41,6 @@ from r1jax.model.moe import MoE, route
 # softmax and activations. The attention score matmuls have batch dimensions and are
 # rerun either way.
 REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-# Sampling-path MoE capacities, as multiples of the mean expert load N*k/E, rounded up to
-# a multiple of 8 rows (see cached_moe).
-CACHED_MOE_CAPACITY_FACTORS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
-
 
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
@@ -201,71 +197,6 @@ def _remat_block(block, *args, policy):
   *arrays, sampling_moe = args
   run = lambda state, *arrays: _call_block(nnx.merge(graphdef, state), *arrays, sampling_moe)
   return jax.checkpoint(run, policy=policy)(state, *arrays)
-
-
-def moe_capacities(n_tokens: int, n_experts: int, top_k: int) -> list[int]:
-  """Rows per expert cached_moe can run with: CACHED_MOE_CAPACITY_FACTORS x the mean
-  load N*k/E, rounded up to multiples of 8, at most N (no expert can get more: a token's
-  top-k experts are distinct)."""
-  mean = n_tokens * top_k / n_experts
-  return sorted({min(n_tokens, 8 * -(-int(-(-f * mean // 1)) // 8)) for f in CACHED_MOE_CAPACITY_FACTORS})
-
-
-def cached_moe(moe: MoE, x_btd, forced_experts_btk=None):
-  """The MoE layer on the sampling path (calls with a cache: prefill and decode steps):
-  the same routing (`route`), experts and weights as `MoE.__call__`, another dispatch.
-
-  Why: a decode step routes only N = B tokens, ~N*k/E per expert. lax.ragged_dot over
-  the N*k rows costs E dense dots on XLA:CPU (E x the FLOPs), and padding groups to fixed
-  row blocks gathers (copies) one weight matrix per block every step. Here each expert
-  takes its tokens in a [C, D] buffer and one batched matmul [E, C, D] x [E, D, F] reads
-  every expert's weights once, in place (GShard's capacity layout, which GSPMD also
-  shards along E). It stays drop-less: C is the smallest of `moe_capacities` that holds
-  this call's busiest expert, picked by lax.switch at run time, so a balanced call pays
-  ~1.25-1.5x the active FLOPs; a call whose busiest expert overflows the largest
-  capacity runs the module's own dispatch. (Measured alternative: one window per expert
-  sized to its own load does half the FLOPs, but XLA:CPU copies each W[e] slice every
-  step and does not hoist it out of the decode loop: no faster, and 6x the compile.)
-  Returns (y_btd, experts_btk) like MoE.__call__.
-  """
-  cfg, dt = moe.cfg, dtype_of(moe.cfg.dtype)
-  b, t, d = x_btd.shape
-  n, e, k = b * t, cfg.n_experts, cfg.top_k
-  x_nd = x_btd.reshape(n, d)
-  logits_ne = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), moe.router[...].astype(jnp.float32))
-  forced_nk = None if forced_experts_btk is None else forced_experts_btk.reshape(n, k)
-  weights_nk, experts_nk = route(
-      logits_ne, moe.bias[...], top_k=k, router=cfg.router, n_group=cfg.n_group,
-      topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-      routed_scaling_factor=cfg.routed_scaling_factor, forced_experts_nk=forced_nk)
-  # Slot m (token m // k, its (m % k)-th choice) takes row rank_m of its expert's buffer.
-  expert_m = experts_nk.reshape(-1)
-  onehot_me = jax.nn.one_hot(expert_m, e, dtype=jnp.int32)
-  rank_m = jnp.sum((jnp.cumsum(onehot_me, axis=0) - 1) * onehot_me, axis=-1)
-  busiest = jnp.max(jnp.sum(onehot_me, axis=0))
-  x_md = x_nd[jnp.arange(n * k) // k]
-  w_gate, w_up, w_down = (w[...].astype(dt) for w in (moe.w_gate, moe.w_up, moe.w_down))
-  act = activation(cfg.hidden_act)
-
-  def with_capacity(capacity):
-    def ffn(x_btd):
-      dest_m = expert_m * capacity + rank_m
-      x_ecd = jnp.zeros((e * capacity, d), x_md.dtype).at[dest_m].set(x_md).reshape(e, capacity, d)
-      h_ecf = act(jnp.einsum("ecd,edf->ecf", x_ecd, w_gate)) * jnp.einsum("ecd,edf->ecf", x_ecd, w_up)
-      y_md = jnp.einsum("ecf,efd->ecd", h_ecf, w_down).reshape(e * capacity, d)[dest_m]
-      y_nd = jnp.einsum("nkd,nk->nd", y_md.reshape(n, k, d), weights_nk.astype(y_md.dtype))
-      y_btd = y_nd.reshape(b, t, d).astype(dt)
-      if cfg.n_shared_experts:
-        y_btd = y_btd + moe.shared(x_btd)
-      return y_btd
-    return ffn
-
-  capacities = moe_capacities(n, e, k)
-  branches = [with_capacity(c) for c in capacities]
-  if capacities[-1] < n:  # a skewed call: the module's own drop-less dispatch
-    branches.append(lambda x_btd: moe(x_btd, forced_experts_btk)[0])
-  branch = jnp.minimum(jnp.sum(busiest > jnp.asarray(capacities, jnp.int32)), len(branches) - 1)
-  return jax.lax.switch(branch, branches, x_btd), experts_nk.reshape(b, t, k)
 
 
 def attention_mask(positions_bt, segment_ids_bt) -> KeyMask:

@@ -152,9 +152,13 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   ids, mask = templates.encode_prompts(prompts, tok, prompt_len, st.config.data.template)
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
   params = dataclasses.replace(params, top_k=rl.top_k, cache_segments=rl.cache_segments)
-  out = generate(st.graphdef, (st.state.params, st.state.other), prompt_ids_bt=ids,
-                 prompt_mask_bt=mask, rng=rng, group_size=rl.group_size, params=params,
-                 slots=rl.slots or None)
+  state = (st.state.params, st.state.other)
+  # Continuous batching runs on one device; plain batching splits the prompts over the
+  # mesh when the weights allow (parallel.rollout_mesh): otherwise every device would
+  # decode every row.
+  mesh = None if rl.slots else parallel.rollout_mesh(state, len(prompts))
+  out = generate(st.graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
+                 group_size=rl.group_size, params=params, slots=rl.slots or None, mesh=mesh)
   out = parallel.to_host(out)
   texts = completions_of(tok, out)
   g = rl.group_size

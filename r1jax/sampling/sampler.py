@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from r1jax.sampling import filters
 
@@ -169,8 +169,12 @@ def moe_shape(model):
 
 
 def _generate_rows(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size, params,
-                   first_row=0):
-  """Plain batching of B prompts (output rows first_row + [0, B*G) for the keys)."""
+                   first_row=0, sync_axes=()):
+  """Plain batching of B prompts (output rows first_row + [0, B*G) for the keys).
+
+  sync_axes: mesh axes whose devices exchange data inside a decode step (expert
+  parallelism): they must all run the same number of steps, so they stop together,
+  when no row on any of them is live."""
   model = merge_model(graphdef, state)
   b, tp = prompt_ids_bt.shape
   n, g = params.max_new_tokens, group_size
@@ -194,7 +198,7 @@ def _generate_rows(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r
     length = tp + end
     if i:
       c["cache"] = grow_cache(model, c["cache"], n_rows, tp + ends[i - 1], length)
-    cond = lambda c, end=end: (c["steps"] < end) & jnp.any(c["live"])
+    cond = lambda c, end=end: (c["steps"] < end) & _any_live(c["live"], sync_axes)
     c = jax.lax.while_loop(cond, lambda c, length=length: decode_step(model, c, params, stop_table, length), c)
   out = dict(c["out"], steps=c["steps"], prompt_experts=prompt_experts, slot_steps=c["steps"] * n_rows)
   out.setdefault("experts", None)
@@ -202,6 +206,12 @@ def _generate_rows(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r
 
 
 _generate = jax.jit(_generate_rows, static_argnames=("graphdef", "group_size", "params"))
+
+
+def _any_live(live, sync_axes):
+  if not sync_axes:
+    return jnp.any(live)
+  return jax.lax.psum(jnp.any(live).astype(jnp.int32), sync_axes) > 0
 
 
 def segment_ends(n: int, segments: int) -> list[int]:
@@ -229,26 +239,45 @@ def row_axes(mesh):
   return tuple(a for a in parallel.BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
+def expert_parallel_specs(state, mesh):
+  """(in_specs for the model state, ep): the routed experts split over the mesh's
+  `expert` axis (logical axis "experts"), everything else whole on every device; ep = 1
+  (all P()) when the mesh has no expert axis > 1 or the model has no routed experts."""
+  from r1jax import parallel  # pylint: disable=import-outside-toplevel
+  ep = mesh.shape.get("expert", 1)
+  if ep == 1:
+    return P(), 1
+  specs = jax.tree.map(lambda s: s.spec, parallel.state_shardings(state, mesh, rules=(("experts", "expert"),)),
+                       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  split = any(a is not None for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)) for a in s)
+  return (specs, ep) if split else (P(), 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "params", "mesh"))
 def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size, params, mesh):
-  """Data-parallel plain batching: each device samples its share of the prompts, all of
-  their G rows, with no communication (the weights are gathered whole once, on entry).
-  The keys follow the global output row, so the result equals one device's."""
+  """Plain batching over the mesh: each device samples its share of the prompts, all of
+  their G rows. The dense weights are gathered whole onto every device once, on entry.
+  The routed experts of an MoE model are split over the `expert` axis when the mesh has
+  one (expert-parallel decode, `r1jax.model.cached_moe`); otherwise they are gathered
+  whole too and the devices never communicate. The keys follow the global output row,
+  so the result equals one device's."""
   axes = row_axes(mesh)
   n_shards = int(np.prod([mesh.shape[a] for a in axes]))
   rows_per_shard = prompt_ids_bt.shape[0] // n_shards * group_size
   split = P(axes)
+  state_specs, ep = expert_parallel_specs(state, mesh)
 
   def local(state, ids, mask, rng, budget):
     first_row = jax.lax.axis_index(axes) * rows_per_shard
-    out = _generate_rows(graphdef, state, ids, mask, rng, budget, group_size, params, first_row)
+    out = _generate_rows(graphdef, state, ids, mask, rng, budget, group_size, params, first_row,
+                         sync_axes=("expert",) if ep > 1 else ())
     # Per-shard counts, gathered as [n_shards] below.
     out["steps"], out["slot_steps"] = out["steps"][None], out["slot_steps"][None]
     return out
 
   specs = dict(tokens=split, logprobs=split, mask=split, steps=split, slot_steps=split,
                prompt_experts=P(None, axes), experts=P(None, axes))
-  out = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, P(), split), out_specs=specs,
+  out = jax.shard_map(local, mesh=mesh, in_specs=(state_specs, split, split, P(), split), out_specs=specs,
                       check_vma=False)(state, prompt_ids_bt, prompt_mask_bt, rng, budget_r)
   return dict(out, steps=jnp.max(out["steps"]), slot_steps=jnp.sum(out["slot_steps"]))
 
@@ -302,6 +331,9 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     return continuous.generate_continuous(graphdef, state, ids, mask, rng, budget_r, group_size,
                                           params, slots)
   if mesh is not None and row_axes(mesh):
+    # The shard_map below states every input's layout itself; on a mesh of Explicit axes
+    # it would instead demand the callers' arrays already carry those layouts.
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     out = _generate_sharded(graphdef, state, ids, mask, rng, budget_r, group_size, params, mesh)
   else:
     out = _generate(graphdef, state, ids, mask, rng, budget_r, group_size, params)
