@@ -49,9 +49,11 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
                slot, GQA 2 K Dh c (/ tensor); the prefill of ceil(B' / W) prompts (one layer's
                scores, q queries at a time; the last prompt token's fp32 logits); the
                routing-replay record of chosen experts (int32, L_moe x rows x seq_len x
-               top_k). B' = ceil(rl.oversample x B) with dynamic sampling. Assumes XLA
-               shards the cache over the batch like the training batch: the sampler does
-               not constrain it.
+               top_k). B' = ceil(rl.oversample x B) with dynamic sampling. With
+               mesh.tensor = 1 the stage's sampler splits the rows over the batch axes
+               itself (parallel.rollout_mesh) and, with fsdp > 1, holds a copy of the
+               weights without the fsdp split (routed experts still split over expert);
+               with tensor > 1 this assumes XLA shards the cache like the training batch.
   reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention
                (q queries at a time), logits (2 n positions with logits_chunk), and the
                whole batch (tokens, masks, expert record) on device.
@@ -254,7 +256,14 @@ def estimate(config, mesh_shape, params=None) -> dict:
     replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
     rows["rollout: KV cache"] = cache
     rows["rollout: prefill + expert record"] = prefill + replay
-    phases["rollout"] = cache + prefill + replay + gathered
+    rollout_weights = gathered
+    if tensor == 1 and ways > 1 and sampled % ways == 0 and sizes["fsdp"] > 1:
+      # parallel.rollout_mesh: the rows split over the batch axes, the dense weights whole
+      # on every device (the routed experts split over `expert`), next to the fsdp shards.
+      _, rollout_weights = per_device_param_bytes(config, tuple(1 if a == "fsdp" else n for a, n in sizes.items()),
+                                                  params)
+      rows["rollout: weights whole (no fsdp split)"] = rollout_weights
+    phases["rollout"] = cache + prefill + replay + rollout_weights
     notes.append(f"rollout: {r_roll} sample(s) of {seq} cache slots per device")
     r_all = math.ceil(t.batch_size * rl.group_size / ways)
     batch = r_all * seq * (5 * 4 + moe_layers * cfg.top_k * 4)

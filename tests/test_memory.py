@@ -97,6 +97,14 @@ def test_documented_formulas():
   assert est2["rows"]["update: attention scores (dense)"] == 4 * rows["update: attention scores (dense)"]
   assert est2["rows"]["update: activations (no remat)"] == 2 * rows["update: activations (no remat)"]
   assert est["total"] == est["persistent"] + max(est["phases"].values())
+  # fsdp 2, tensor 1: the stage's sampler splits the rows and holds the weights without
+  # the fsdp split (parallel.rollout_mesh), next to the training shards.
+  n_params, _ = memory.per_device_param_bytes(config, (1, 1, 1, 1))
+  whole = rows["rollout: weights whole (no fsdp split)"]
+  assert whole == 4 * n_params and p < whole <= 2 * p  # expert = 1: every weight whole
+  assert est["phases"]["rollout"] >= whole + rows["rollout: KV cache"]
+  # tensor 2: XLA partitions the sampler from the weights' shardings; no whole copy.
+  assert "rollout: weights whole (no fsdp split)" not in memory.estimate(config, (1, 2, 1, 2))["rows"]
 
 
 def test_deepseek_v3_recipe_fits_1024_chips_at_32k_and_would_not_without_remat(monkeypatch, capsys):
