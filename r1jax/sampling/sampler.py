@@ -306,9 +306,11 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
       max_new_tokens were smaller for it; its mask ends there).
     mesh: optional device mesh for data-parallel rollouts (plain batching): the prompts
       split over its batch axes (`parallel.BATCH_AXES`; B must divide evenly) and each
-      device samples its own, with the whole weights gathered onto it once. Same
-      outputs as one device. For models whose weights do not fit on one device, leave
-      it None and let the weights' own shardings drive the partitioning.
+      device samples its own, with the dense weights gathered whole onto it once. With
+      an `expert` axis > 1 the routed experts stay split over it (expert-parallel
+      decode, `r1jax.model.cached_moe`). Same outputs as one device. For models whose
+      dense weights do not fit on one device, leave it None and let the weights' own
+      shardings drive the partitioning (`parallel.rollout_mesh` chooses for the stages).
   Returns a dict:
     tokens [B*G, N] int32 (row b*G + j is sample j of prompt b), mask [B*G, N] (1 up to
     and including the stop token), logprobs [B*G, N] fp32 log pi(token) at the sampling
