@@ -59,7 +59,12 @@ def grpo_forward_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: i
   """Model FLOPs of one forward over a GRPO batch of B prompts x G completions: the
   prompts B times when each group's prompt runs once (trainer.prefix_shared_hidden),
   B*G times when every row runs whole. A completion token at position Tp + j attends
-  to Tp + j + 1 keys: on average those of a (2 Tp + N)-token sequence."""
+  to Tp + j + 1 keys: on average those of a (2 Tp + N)-token sequence. The vocabulary
+  projection runs at the N positions of a row that predict its completion (the last
+  prompt token and the first N - 1 completion tokens; trainer.completion_logprobs),
+  not at every position."""
+  head = 2.0 * cfg.d_model * cfg.vocab_size
   prompt_rows = prompts if shared_prefix else prompts * group
-  return (prompt_rows * prompt_len * forward_flops_per_token(cfg, prompt_len)
-          + prompts * group * new_tokens * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens))
+  rows = prompts * group
+  return (prompt_rows * prompt_len * (forward_flops_per_token(cfg, prompt_len) - head)
+          + rows * new_tokens * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens))
