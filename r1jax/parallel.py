@@ -263,13 +263,13 @@ def rollout_mesh(state, n_prompts: int) -> Mesh | None:
   experts, is the sampler's own layout (SAMPLING_RULES: no fsdp split while decoding).
   None, and XLA partitions the sampler from the weights' shardings instead, when:
   the batch axes are 1 (nothing to split); n_prompts does not divide over them;
-  mesh.tensor > 1 (the sampler's shard_map would gather tensor-split weights whole);
-  several processes (every host calls the sampler with the same global prompts, and
-  the shard_map path is tested in one process only).
+  mesh.tensor > 1 (the sampler's shard_map would gather tensor-split weights whole).
+  With several processes every host passes the same global prompts and key, and reads
+  every row back (to_host), as on the other path (tests/test_multihost_cli.py).
   """
   meshes = [x.sharding.mesh for x in jax.tree.leaves(state)
             if isinstance(getattr(x, "sharding", None), NamedSharding)]
-  if not meshes or jax.process_count() > 1:
+  if not meshes:
     return None
   mesh = meshes[0]
   shards = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))

@@ -4,7 +4,8 @@ The stage loops as a user launches them on two hosts: two copies of the CLI join
 jax.distributed cluster on loopback (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID, as launch/ sets them; gloo collectives on CPU) and run a pretrain -> grpo
 pipeline into one shared workdir, on a (data 2, fsdp 2, expert 1, tensor 2) mesh whose
-data axis spans the two processes. Meanwhile the same command runs in one process with 8
+data axis spans the two processes; the GRPO stage moves to (data 2, fsdp 4, tensor 1),
+so its rollouts split their prompts over all 8 devices of both processes. Meanwhile the same command runs in one process with 8
 devices. Every process reads the whole global batch and feeds its own rows
 (parallel.put_global_batch), and device outputs are read whole on every host
 (parallel.to_host), so the two runs must log the same losses and rewards and end with the
@@ -31,7 +32,9 @@ TIMEOUT_S = 900
 # processes at once (two workers and the reference) on a CPU.
 ARGS = ["--config.stage=pipeline", "--config.stages=pretrain,grpo",
         "--config.per_stage.pretrain=train.steps=3",
-        "--config.per_stage.grpo=train.steps=2,train.batch_size=4",
+        # GRPO on (data 2, fsdp 4, tensor 1): its rollouts split the 8 prompts over the
+        # mesh's devices in both processes (parallel.rollout_mesh).
+        "--config.per_stage.grpo=train.steps=2,train.batch_size=8,mesh.fsdp=4,mesh.tensor=1",
         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.expert=1",
         "--config.mesh.tensor=2",
         "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.n_heads=2",
@@ -136,8 +139,9 @@ def test_cli_in_two_processes_matches_one_process(tmp_path):
     _wait(procs, logs)
   assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
   for i in range(N_PROCESSES):
-    assert f"process {i} of {N_PROCESSES}: {LOCAL_DEVICES} local of 8 devices" in _tail(
-        os.path.join(logs, f"worker_{i}.log"), 10_000)
+    log = _tail(os.path.join(logs, f"worker_{i}.log"), 10_000)
+    assert f"process {i} of {N_PROCESSES}: {LOCAL_DEVICES} local of 8 devices" in log
+    assert "[grpo] rollouts: 8 prompts split over 8 devices" in log
 
   for stage, steps in (("0_pretrain", 3), ("1_grpo", 2)):
     got, want = _metrics(os.path.join(multi, stage)), _metrics(os.path.join(single, stage))

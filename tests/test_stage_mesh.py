@@ -28,7 +28,7 @@ def test_pretrain_stage_runs_moe_expert_parallel(tmp_path, monkeypatch):
   assert np.isfinite(summary["final_loss"])
 
 
-def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch):
+def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch, capsys):
   """A GRPO stage on a (data 4, expert 2) mesh samples its rollouts with the prompts
   split over the batch axes and the routed experts over `expert` (cached_moe's
   expert-parallel branch), rather than every device decoding every row."""
@@ -61,3 +61,4 @@ def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch
   # prefill alone would route 8 x 28 = 224 tokens on every device.
   assert {(28, 64), (2, 64)} <= set(ep_calls) and max(s[0] for s in ep_calls) <= 28, sorted(set(ep_calls))
   assert 0 <= summary["final_accuracy"] <= 1
+  assert "[grpo] rollouts: 8 prompts split over 8 devices, routed experts split over expert=2" in capsys.readouterr().out

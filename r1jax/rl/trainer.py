@@ -171,6 +171,19 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
               per_fn=per_fn, stats=stats, lengths=lengths)
 
 
+def rollout_layout(st, rl, n_prompts: int) -> str:
+  """One line on how `rollout` places its rows on the devices (printed at stage start)."""
+  if rl.slots:
+    return f"continuous batching over {rl.slots} slots on one device"
+  mesh = parallel.rollout_mesh((st.state.params, st.state.other), n_prompts)
+  if mesh is None:
+    return f"{n_prompts} prompts in one program partitioned by XLA from the weights' shardings"
+  shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  ep = mesh.shape["expert"] if st.config.model.n_experts else 1
+  experts = f", routed experts split over expert={ep}" if ep > 1 else ""
+  return f"{n_prompts} prompts split over {shards} devices{experts}"
+
+
 def score_groups(weights, fns, examples, texts, group_size: int):
   """Rule rewards of the G completions of each example -> (total [B*G] float32,
   {name: [B*G] float32}, RewardStats summed over hosts).
@@ -224,6 +237,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   def eval_now():
     return evaluate_stage(config, st, test)
 
+  print(f"[grpo] rollouts: {rollout_layout(st, rl, n_sampled)}", flush=True)
   base_eval = st.data_state.get("base_eval") or eval_now()
   print(f"[grpo] base model: pass@1={base_eval['pass@1']:.3f} format={base_eval['format']:.3f}",
         flush=True)
