@@ -262,7 +262,8 @@ def rollout_mesh(state, n_prompts: int) -> Mesh | None:
   with the dense weights whole and, with mesh.expert > 1, its slice of the routed
   experts, is the sampler's own layout (SAMPLING_RULES: no fsdp split while decoding).
   None, and XLA partitions the sampler from the weights' shardings instead, when:
-  the batch axes are 1 (nothing to split); n_prompts does not divide over them;
+  the batch axes are 1 (nothing to split); fewer prompts than batch shards (most
+  devices would decode padding: generate pads B up to a multiple of the shards);
   mesh.tensor > 1 (the sampler's shard_map would gather tensor-split weights whole).
   With several processes every host passes the same global prompts and key, and reads
   every row back (to_host), as on the other path (tests/test_multihost_cli.py).
@@ -273,7 +274,7 @@ def rollout_mesh(state, n_prompts: int) -> Mesh | None:
     return None
   mesh = meshes[0]
   shards = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
-  if shards == 1 or n_prompts % shards or mesh.shape.get("tensor", 1) > 1:
+  if shards == 1 or n_prompts < shards or mesh.shape.get("tensor", 1) > 1:
     return None
   return mesh
 

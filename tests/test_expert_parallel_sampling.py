@@ -103,3 +103,19 @@ def test_cached_moe_expert_parallel_equals_module(forced):
   got_y, got_e = jax.jit(run)(state, x, experts)
   np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
   np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), atol=1e-5)
+
+
+def test_prompts_that_do_not_divide_over_the_mesh_are_padded():
+  """3 prompts over 4 row shards (data 2 x expert 2): generate pads to 4 and drops the
+  padding's rows; the 6 real rows equal one device's."""
+  model = Transformer(MOE_MLA, nnx.Rngs(4))
+  ids, mask = _prompts(3, seed=9)
+  params = SamplingParams(max_new_tokens=5, temperature=1.0)
+  run = lambda **kw: jax.device_get(generate(model, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(8),
+                                             group_size=2, params=params, **kw))
+  one, split = run(), run(mesh=_mesh((2, 2), ("data", "expert")))
+  assert split["tokens"].shape == one["tokens"].shape == (6, 5)
+  for key in ("tokens", "mask", "experts", "prompt_experts"):
+    np.testing.assert_array_equal(split[key], one[key], err_msg=key)
+  np.testing.assert_allclose(split["logprobs"], one["logprobs"], atol=1e-5)
+  assert int(split["steps"]) == int(one["steps"])

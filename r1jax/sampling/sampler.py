@@ -305,7 +305,8 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     max_tokens_per_row: optional [B*G] ints: row r stops after that many tokens (as if
       max_new_tokens were smaller for it; its mask ends there).
     mesh: optional device mesh for data-parallel rollouts (plain batching): the prompts
-      split over its batch axes (`parallel.BATCH_AXES`; B must divide evenly) and each
+      split over its batch axes (`parallel.BATCH_AXES`; B is padded to a multiple of
+      their size with copies of the last prompt, whose rows are dropped) and each
       device samples its own, with the dense weights gathered whole onto it once. With
       an `expert` axis > 1 the routed experts stay split over it (expert-parallel
       decode, `r1jax.model.cached_moe`). Same outputs as one device. For models whose
@@ -336,7 +337,20 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     # The shard_map below states every input's layout itself; on a mesh of Explicit axes
     # it would instead demand the callers' arrays already carry those layouts.
     mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    b, shards = ids.shape[0], int(np.prod([mesh.shape[a] for a in row_axes(mesh)]))
+    pad = -b % shards
+    if pad:  # the keys follow the output row, so the first B*G rows are unchanged
+      ids, mask = (jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) for a in (ids, mask))
+      # A budget of 0: the padding rows are never live, so they add no decode steps.
+      budget_r = jnp.concatenate([budget_r, jnp.zeros((pad * group_size,), budget_r.dtype)])
     out = _generate_sharded(graphdef, state, ids, mask, rng, budget_r, group_size, params, mesh)
+    if pad:
+      n_rows = b * group_size
+      out = dict(out, tokens=out["tokens"][:n_rows], logprobs=out["logprobs"][:n_rows],
+                 mask=out["mask"][:n_rows])
+      for key in ("experts", "prompt_experts"):
+        if out.get(key) is not None:
+          out[key] = out[key][:, :n_rows]
   else:
     out = _generate(graphdef, state, ids, mask, rng, budget_r, group_size, params)
   return out
