@@ -257,7 +257,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
     rows["rollout: KV cache"] = cache
     rows["rollout: prefill + expert record"] = prefill + replay
     rollout_weights = gathered
-    if tensor == 1 and 1 < ways <= sampled and sizes["fsdp"] > 1:
+    if sizes["fsdp"] > 1 and parallel.rollouts_split(sizes, sampled):
       # parallel.rollout_mesh: the rows split over the batch axes, the dense weights whole
       # on every device (the routed experts split over `expert`), next to the fsdp shards.
       _, rollout_weights = per_device_param_bytes(config, tuple(1 if a == "fsdp" else n for a, n in sizes.items()),

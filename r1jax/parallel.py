@@ -270,13 +270,16 @@ def rollout_mesh(state, n_prompts: int) -> Mesh | None:
   """
   meshes = [x.sharding.mesh for x in jax.tree.leaves(state)
             if isinstance(getattr(x, "sharding", None), NamedSharding)]
-  if not meshes:
+  if not meshes or not rollouts_split(meshes[0].shape, n_prompts):
     return None
-  mesh = meshes[0]
-  shards = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
-  if shards == 1 or n_prompts < shards or mesh.shape.get("tensor", 1) > 1:
-    return None
-  return mesh
+  return meshes[0]
+
+
+def rollouts_split(sizes, n_prompts: int) -> bool:
+  """Whether rollout_mesh splits n_prompts over a mesh of these axis sizes (a mapping
+  axis -> size; also what the --dry_run memory plan assumes)."""
+  shards = int(np.prod([sizes.get(a, 1) for a in BATCH_AXES]))
+  return 1 < shards <= n_prompts and sizes.get("tensor", 1) == 1
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

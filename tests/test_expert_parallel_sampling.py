@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from r1jax import testing
 from r1jax.model import expert_parallel
 from r1jax.model.cached_moe import cached_moe, moe_capacities
 from r1jax.model.config import ModelConfig
@@ -24,10 +25,9 @@ def _mesh(shape, names):
 
 
 def _prompts(b, seed, vocab=96, length=6):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(2, length + 1, size=b)
-  mask = (np.arange(length)[None, :] >= length - lengths[:, None]).astype(np.int32)
-  return rng.integers(1, vocab, size=(b, length)).astype(np.int32) * mask, mask
+  """Left-padded prompts of 2..length tokens [B, length] and their mask."""
+  lengths = np.random.default_rng(seed).integers(2, length + 1, size=b)
+  return testing.padded_batch(vocab, lengths, length, seed=seed)[:2]
 
 
 def test_specs_split_only_the_routed_experts():

@@ -26,7 +26,7 @@ from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
-from r1jax.sampling.sampler import generate, prefill
+from r1jax.sampling.sampler import expert_parallel_specs, generate, prefill, row_axes
 
 
 def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
@@ -175,11 +175,12 @@ def rollout_layout(st, rl, n_prompts: int) -> str:
   """One line on how `rollout` places its rows on the devices (printed at stage start)."""
   if rl.slots:
     return f"continuous batching over {rl.slots} slots on one device"
-  mesh = parallel.rollout_mesh((st.state.params, st.state.other), n_prompts)
+  state = (st.state.params, st.state.other)
+  mesh = parallel.rollout_mesh(state, n_prompts)
   if mesh is None:
     return f"{n_prompts} prompts in one program partitioned by XLA from the weights' shardings"
-  shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-  ep = mesh.shape["expert"] if st.config.model.n_experts else 1
+  shards = int(np.prod([mesh.shape[a] for a in row_axes(mesh)]))
+  ep = expert_parallel_specs(state, mesh)[1]  # as generate(mesh=...) splits the experts
   experts = f", routed experts split over expert={ep}" if ep > 1 else ""
   return f"{n_prompts} prompts split over {shards} devices{experts}"
 

@@ -263,7 +263,14 @@ def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budge
   so the result equals one device's."""
   axes = row_axes(mesh)
   n_shards = int(np.prod([mesh.shape[a] for a in axes]))
-  rows_per_shard = prompt_ids_bt.shape[0] // n_shards * group_size
+  b = prompt_ids_bt.shape[0]
+  pad = -b % n_shards
+  if pad:  # copies of the last prompt; the keys follow the output row, so rows < B*G are unchanged
+    prompt_ids_bt, prompt_mask_bt = (jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
+                                     for a in (prompt_ids_bt, prompt_mask_bt))
+    # A budget of 0: the padding rows are never live, so they add no decode steps.
+    budget_r = jnp.concatenate([budget_r, jnp.zeros((pad * group_size,), budget_r.dtype)])
+  rows_per_shard = (b + pad) // n_shards * group_size
   split = P(axes)
   state_specs, ep = expert_parallel_specs(state, mesh)
 
@@ -279,6 +286,9 @@ def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budge
                prompt_experts=P(None, axes), experts=P(None, axes))
   out = jax.shard_map(local, mesh=mesh, in_specs=(state_specs, split, split, P(), split), out_specs=specs,
                       check_vma=False)(state, prompt_ids_bt, prompt_mask_bt, rng, budget_r)
+  n_rows = b * group_size  # the padding's rows dropped (row axis 0, or 1 for the expert records)
+  out.update({k: out[k][:n_rows] for k in ("tokens", "logprobs", "mask")})
+  out.update({k: out[k][:, :n_rows] for k in ("experts", "prompt_experts") if out.get(k) is not None})
   return dict(out, steps=jnp.max(out["steps"]), slot_steps=jnp.sum(out["slot_steps"]))
 
 
@@ -337,20 +347,7 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     # The shard_map below states every input's layout itself; on a mesh of Explicit axes
     # it would instead demand the callers' arrays already carry those layouts.
     mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-    b, shards = ids.shape[0], int(np.prod([mesh.shape[a] for a in row_axes(mesh)]))
-    pad = -b % shards
-    if pad:  # the keys follow the output row, so the first B*G rows are unchanged
-      ids, mask = (jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) for a in (ids, mask))
-      # A budget of 0: the padding rows are never live, so they add no decode steps.
-      budget_r = jnp.concatenate([budget_r, jnp.zeros((pad * group_size,), budget_r.dtype)])
     out = _generate_sharded(graphdef, state, ids, mask, rng, budget_r, group_size, params, mesh)
-    if pad:
-      n_rows = b * group_size
-      out = dict(out, tokens=out["tokens"][:n_rows], logprobs=out["logprobs"][:n_rows],
-                 mask=out["mask"][:n_rows])
-      for key in ("experts", "prompt_experts"):
-        if out.get(key) is not None:
-          out[key] = out[key][:, :n_rows]
   else:
     out = _generate(graphdef, state, ids, mask, rng, budget_r, group_size, params)
   return out
