@@ -19,6 +19,8 @@ is drawn log-normal (median N/8, sigma 1, capped at N = 8 x median) through
 `max_tokens_per_row`, plain batching vs continuous batching over --slots rows.
 Continuous batching halves its rows once nothing is waiting and half are idle, so its
 decode rows shrink in the tail; the last column divides by --slots x iterations instead.
+With --devices N, both split the prompts over the N devices (continuous batching: a
+batcher on each device with --slots / N slots).
 
 The peer runs in its own venv as a subprocess (bench/peer_tunix.py --serve), warmed up
 before our timed calls; each of our timed calls is followed by one of the peer's, so load
@@ -173,10 +175,8 @@ def main():
     mesh = jax.make_mesh((args.devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
 
   def sample(i, **kw):
-    if "slots" not in kw:
-      kw["mesh"] = mesh
     return generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(i),
-                    group_size=args.group, params=params, **kw)
+                    group_size=args.group, params=params, mesh=mesh, **kw)
 
   peer = start_peer(args)  # compiles before any of our timed calls
   times, cpu_times, peer_runs, out = timed(sample, args.iters, peer)
@@ -210,7 +210,7 @@ def main():
   print(f"workload: {kind}, {args.prompts} prompts x G={args.group}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, T=1.0, fp32, jax {jax.__version__}, {jax.devices()[0].platform} x "
         f"{args.devices} device(s){f' on a {mesh.axis_names[0]} axis' if mesh is not None else ''} "
-        f"(continuous batching: 1 device)")
+        f"(continuous batching: {-(-args.slots // args.devices)} slots on each device)")
   print(f"{'':32s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s} {'cpu-s':>6s}")
   print(f"{'r1jax generate':32s} {tokens:7d} {sec:8.3f} {ours_tps:9,.0f} "
         f"{(ours_tps / peer_tps) if peer_tps else float('nan'):6.2f} {cpu_sec:6.2f}")

@@ -54,6 +54,9 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
                itself (parallel.rollout_mesh) and, with fsdp > 1, holds a copy of the
                weights without the fsdp split (routed experts still split over expert);
                with tensor > 1 this assumes XLA shards the cache like the training batch.
+               Continuous batching (rl.slots = S) holds ceil(S / W) rows a device (S
+               when the rows do not split) plus a store of prefilled prompts, and every
+               device holds every routed expert.
   reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention
                (q queries at a time), logits (2 n positions with logits_chunk), and the
                whole batch (tokens, masks, expert record) on device.
@@ -248,23 +251,33 @@ def estimate(config, mesh_shape, params=None) -> dict:
 
   if grpo:
     sampled = math.ceil(rl.oversample * t.batch_size) if rl.dynamic_sampling else t.batch_size
+    split = parallel.rollouts_split(sizes, sampled)
     r_roll = math.ceil(sampled * rl.group_size / ways)
     r_prompt = math.ceil(sampled / ways)
+    r_cache = r_roll
+    if rl.slots:  # continuous batching: S / W slots a device (S without the split) + the prompt store
+      r_cache = math.ceil(rl.slots / ways) if split else rl.slots
+      r_prompt = min(r_prompt, math.ceil(r_cache / rl.group_size))
+      r_cache += r_prompt
     prompt = seq - rl.max_new_tokens
-    cache = r_roll * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)
+    cache = r_cache * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)
     prefill = r_prompt * (heads * min(q_rows, prompt) * prompt * (8 + c) + vocab * 4)
     replay = moe_layers * r_roll * seq * cfg.top_k * 4 if rl.routing_replay else 0
     rows["rollout: KV cache"] = cache
     rows["rollout: prefill + expert record"] = prefill + replay
     rollout_weights = gathered
-    if sizes["fsdp"] > 1 and parallel.rollouts_split(sizes, sampled):
-      # parallel.rollout_mesh: the rows split over the batch axes, the dense weights whole
-      # on every device (the routed experts split over `expert`), next to the fsdp shards.
-      _, rollout_weights = per_device_param_bytes(config, tuple(1 if a == "fsdp" else n for a, n in sizes.items()),
-                                                  params)
-      rows["rollout: weights whole (no fsdp split)"] = rollout_weights
+    # Axes the rollout's weights are not split over (parallel.rollout_mesh splits the rows
+    # instead): fsdp; with continuous batching also expert, whose devices then hold every expert.
+    whole_over = ("fsdp", "expert") if rl.slots else ("fsdp",)
+    if split and any(sizes[a] > 1 for a in whole_over):
+      _, rollout_weights = per_device_param_bytes(
+          config, tuple(1 if a in whole_over else n for a, n in sizes.items()), params)
+      rows["rollout: weights whole (no " + " / ".join(a for a in whole_over if sizes[a] > 1) + " split)"] = (
+          rollout_weights)
     phases["rollout"] = cache + prefill + replay + rollout_weights
-    notes.append(f"rollout: {r_roll} sample(s) of {seq} cache slots per device")
+    notes.append(f"rollout: {r_cache} cache row(s) of {seq} slots per device" + (
+        f" ({rl.slots} continuous-batching slots{' over ' + str(ways) + ' batch shards' if split else ''}"
+        f" + a {r_prompt}-prompt store)" if rl.slots else ""))
     r_all = math.ceil(t.batch_size * rl.group_size / ways)
     batch = r_all * seq * (5 * 4 + moe_layers * cfg.top_k * 4)
     phases["update"] += batch

@@ -137,3 +137,30 @@ def test_data_parallel_rollouts_equal_one_device():
   split = _run(model, ids, mask, params, 2, max_tokens_per_row=budget, mesh=mesh)
   _assert_same(one, split)
   assert int(split["steps"]) == int(one["steps"])
+
+
+@pytest.mark.parametrize("cfg", [DENSE_GQA, MOE_MLA], ids=["dense_gqa", "moe_mla"])
+def test_continuous_batching_over_the_mesh_equals_one_device(cfg, monkeypatch):
+  """generate(slots=S, mesh=...) runs a batcher on every device of the batch axes, each
+  over its own prompts (5 prompts over 4 shards: one padded) with S / 4 slots: the
+  same outputs as plain batching on one device, and each device's decode loop only
+  ever holds its own 2 slots (not the S = 8 of one batcher)."""
+  from r1jax.sampling import continuous
+  shard_rows, real_decode = [], continuous._decode
+
+  def spy_decode(graphdef, state, c, *args, **kw):
+    shard_rows.append(c["live"].sharding.shard_shape(c["live"].shape)[0])
+    return real_decode(graphdef, state, c, *args, **kw)
+
+  monkeypatch.setattr(continuous, "_decode", spy_decode)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  model = Transformer(cfg, nnx.Rngs(2))
+  ids, mask = _prompts(5, seed=6)
+  params = SamplingParams(max_new_tokens=16, temperature=1.0)
+  budget = _heavy_tailed(5 * 2, 16, seed=7)
+  one = _run(model, ids, mask, params, 2, max_tokens_per_row=budget)
+  split = _run(model, ids, mask, params, 2, max_tokens_per_row=budget, slots=8, mesh=mesh)
+  _assert_same(one, split)
+  assert shard_rows and max(shard_rows) == 2, shard_rows  # 2 slots a device (fewer once the tail shrinks)
+  # Every device's decode iterations are counted: at least the tokens, at most its slots x its steps.
+  assert one["mask"].sum() <= int(split["slot_steps"]) <= 8 * int(split["steps"])

@@ -105,6 +105,13 @@ def test_documented_formulas():
   assert est["phases"]["rollout"] >= whole + rows["rollout: KV cache"]
   # tensor 2: XLA partitions the sampler from the weights' shardings; no whole copy.
   assert "rollout: weights whole (no fsdp split)" not in memory.estimate(config, (1, 2, 1, 2))["rows"]
+  # Continuous batching over 8 slots: 2 a device (4 batch shards) + a store of 1 prompt.
+  continuous = config.copy_and_resolve_references()
+  continuous.rl.slots = 8
+  est3 = memory.estimate(continuous, (2, 2, 1, 1))
+  assert est3["rows"]["rollout: KV cache"] == (2 + 1) * 64 * (cfg.n_layers * slot + 1)
+  assert "3 cache row(s) of 64 slots per device (8 continuous-batching slots over 4 batch shards" in (
+      " ".join(est3["notes"]))
 
 
 def test_deepseek_v3_recipe_fits_1024_chips_at_32k_and_would_not_without_remat(monkeypatch, capsys):

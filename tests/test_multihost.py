@@ -14,11 +14,14 @@ parallel.put_host_batch (jax.make_array_from_process_local_data), and then:
      same shardings, bit for bit;
   3. runs one GRPO update (rl.trainer.make_update) from the same initial state, on a batch
      of rollouts the parent sampled, each process feeding its own rows;
-  4. builds the multi-slice mesh (mesh.dcn_data = 2) with each process as a slice.
+  4. builds the multi-slice mesh (mesh.dcn_data = 2) with each process as a slice;
+  5. scores rewards, each process its share of the groups;
+  6. samples with continuous batching over the mesh's 4 batch shards (2 in each
+     process; one slot each, so every device refills its slot from its own queue).
 
-Meanwhile the pytest process computes 1 and 3 on its 8 simulated devices in one
-process; losses, gradient norms and parameters must agree, and the checkpoint the two
-processes wrote must restore in the single process.
+Meanwhile the pytest process computes 1, 3 and 6 (plain batching, no mesh) on its 8
+simulated devices in one process; losses, gradient norms, parameters and sampled tokens
+must agree, and the checkpoint the two processes wrote must restore in the single process.
 """
 
 from __future__ import annotations
@@ -107,21 +110,35 @@ def _grpo_update(graphdef, state, tx, batch):
   return jax.jit(trainer.make_update(graphdef, tx, rl, prompt_len))(state, batch)
 
 
-def _rollout_batch():
-  """A GRPO batch from one-device rollouts of the seed-0 model (deterministic)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from r1jax import state as state_lib  # pylint: disable=import-outside-toplevel
-  from r1jax.rl import grpo, trainer  # pylint: disable=import-outside-toplevel
-  from r1jax.sampling.sampler import SamplingParams, generate  # pylint: disable=import-outside-toplevel
-  model = state_lib.create_model(_model_config(), seed=0)
+def _rollout_prompts():
+  """[GRPO_B, 5] prompts (the first left-padded) and their mask."""
   rng = np.random.default_rng(0)
   ids = rng.integers(4, 90, (GRPO_B, 5)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[0, :2] = 0
-  out = jax.device_get(generate(model, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(0),
-                                group_size=GRPO_G, params=SamplingParams(max_new_tokens=GRPO_N)))
+  return ids, mask
+
+
+def _sample(graphdef, state, **kw):
+  """Host outputs of `generate` from the state's weights on the GRPO prompts (key 0)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from r1jax import parallel  # pylint: disable=import-outside-toplevel
+  from r1jax.sampling.sampler import SamplingParams, generate  # pylint: disable=import-outside-toplevel
+  ids, mask = _rollout_prompts()
+  return parallel.to_host(generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(0),
+                                   group_size=GRPO_G, params=SamplingParams(max_new_tokens=GRPO_N), **kw))
+
+
+def _rollout_batch():
+  """A GRPO batch from one-device rollouts of the seed-0 model (deterministic)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from r1jax import state as state_lib  # pylint: disable=import-outside-toplevel
+  from r1jax.rl import grpo, trainer  # pylint: disable=import-outside-toplevel
+  model = state_lib.create_model(_model_config(), seed=0)
+  ids, mask = _rollout_prompts()
+  out = _sample(*nnx.split(model))
   batch = trainer.sequence_batch(ids, mask, out, GRPO_G)
-  rewards_bg = rng.integers(0, 2, (GRPO_B, GRPO_G)).astype(np.float32)
+  rewards_bg = np.random.default_rng(1).integers(0, 2, (GRPO_B, GRPO_G)).astype(np.float32)
   batch["adv"] = np.asarray(grpo.group_advantages(rewards_bg)).reshape(-1).astype(np.float32)
   return batch
 
@@ -197,6 +214,12 @@ def worker(out_dir: str) -> None:
                                               REWARD_EXAMPLES, REWARD_TEXTS, REWARD_G)
   out["scored"], out["scored_who"], out["no_answer"] = total, per_fn["who"], np.array(stats.n_no_answer)
   lap("rewards")
+
+  # 6. Continuous batching over the mesh's batch shards (fsdp x expert: 4, 2 a process).
+  cont = _sample(graphdef, (state.params, state.other), slots=4, mesh=mesh)
+  for k in ("tokens", "mask", "logprobs", "experts", "prompt_experts"):
+    out[f"cont_{k}"] = np.asarray(cont[k])
+  lap("continuous batching")
 
   # 4. The multi-slice mesh: each process (no TPU slices here) is one DCN granule.
   dcn = parallel.make_mesh(DCN_MESH)
@@ -339,6 +362,7 @@ def test_two_processes_match_one_process(tmp_path):
     ref_state1 = _gather(state1)
     ref_grpo_state, ref_grpo = _grpo_update(graphdef, state, tx, parallel.put_host_batch(mesh, rollout))
     ref_grpo_params = _gather(ref_grpo_state.params)
+    ref_sample = _sample(graphdef, (state.params, state.other))  # plain batching, one program
     abstract = _abstract(state1)
   finally:
     _wait(procs, out_dir)
@@ -366,6 +390,10 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_array_equal(r["scored"], [0, 1, 2, 3, 104, 105, 106, 107, 108, 109])
     np.testing.assert_array_equal(r["scored_who"], r["scored"])
     assert int(r["no_answer"]) == len(REWARD_TEXTS)
+    # Continuous batching split over both processes' devices samples what one program does.
+    for k in ("tokens", "mask", "experts", "prompt_experts"):
+      np.testing.assert_array_equal(r[f"cont_{k}"], ref_sample[k], err_msg=k)
+    np.testing.assert_allclose(r["cont_logprobs"], ref_sample["logprobs"], atol=1e-5)
     # mesh.dcn_data=2 without TPU slices: the data axis runs across the processes.
     assert r["dcn_processes"].tolist() == [[0] * LOCAL_DEVICES, [1] * LOCAL_DEVICES]
 

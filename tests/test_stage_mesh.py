@@ -62,3 +62,29 @@ def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch
   assert {(28, 64), (2, 64)} <= set(ep_calls) and max(s[0] for s in ep_calls) <= 28, sorted(set(ep_calls))
   assert 0 <= summary["final_accuracy"] <= 1
   assert "[grpo] rollouts: 8 prompts split over 8 devices, routed experts split over expert=2" in capsys.readouterr().out
+
+
+def test_grpo_continuous_batching_splits_over_the_mesh(tmp_path, monkeypatch, capsys):
+  """With rl.slots, a GRPO stage on (data 4, fsdp 2) runs continuous batching with the
+  prompts split over the 8 devices, 2 slots on each, instead of one batcher whose
+  slots every device would decode."""
+  from r1jax.rl import trainer as trainer_lib
+  from r1jax.sampling import continuous
+  shard_rows, real_decode = [], continuous._decode
+
+  def spy_decode(graphdef, state, c, *args, **kw):
+    shard_rows.append(c["live"].sharding.shard_shape(c["live"].shape)[0])
+    return real_decode(graphdef, state, c, *args, **kw)
+
+  monkeypatch.setattr(continuous, "_decode", spy_decode)
+  config = config_lib.apply_overrides(config_lib.default_config(), [
+      "stage=grpo", f"workdir={tmp_path}", "train.steps=1", "train.batch_size=8", "train.log_every=1",
+      "train.seq_len=40", "data.n_train=64", "data.n_test=8", "eval.n=8", "eval.every=0",
+      "rl.group_size=2", "rl.max_new_tokens=12", "rl.slots=16", "model.n_layers=2", "mesh.data=4",
+      "mesh.fsdp=2"])
+  config_lib.validate(config)
+  summary = trainer_lib.run(config, str(tmp_path))
+  assert shard_rows and max(shard_rows) == 2, shard_rows
+  assert 0 <= summary["final_accuracy"] <= 1
+  assert "[grpo] rollouts: 8 prompts split over 8 devices, continuous batching over 2 slots on each" in (
+      capsys.readouterr().out)

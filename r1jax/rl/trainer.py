@@ -153,10 +153,9 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
   params = stop_params(tok, rl.max_new_tokens, rl.temperature, rl.top_p)
   params = dataclasses.replace(params, top_k=rl.top_k, cache_segments=rl.cache_segments)
   state = (st.state.params, st.state.other)
-  # Continuous batching runs on one device; plain batching splits the prompts over the
-  # mesh when the weights allow (parallel.rollout_mesh): otherwise every device would
-  # decode every row.
-  mesh = None if rl.slots else parallel.rollout_mesh(state, len(prompts))
+  # The prompts split over the mesh when the weights allow (parallel.rollout_mesh),
+  # with plain or continuous batching: otherwise every device would decode every row.
+  mesh = parallel.rollout_mesh(state, len(prompts))
   out = generate(st.graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=rng,
                  group_size=rl.group_size, params=params, slots=rl.slots or None, mesh=mesh)
   out = parallel.to_host(out)
@@ -173,13 +172,15 @@ def rollout(st, rl, tok, examples, rng, prompt_len: int, weights, fns):
 
 def rollout_layout(st, rl, n_prompts: int) -> str:
   """One line on how `rollout` places its rows on the devices (printed at stage start)."""
-  if rl.slots:
-    return f"continuous batching over {rl.slots} slots on one device"
   state = (st.state.params, st.state.other)
   mesh = parallel.rollout_mesh(state, n_prompts)
   if mesh is None:
-    return f"{n_prompts} prompts in one program partitioned by XLA from the weights' shardings"
+    where = f"{n_prompts} prompts in one program partitioned by XLA from the weights' shardings"
+    return where + (f", continuous batching over {rl.slots} slots" if rl.slots else "")
   shards = int(np.prod([mesh.shape[a] for a in row_axes(mesh)]))
+  if rl.slots:  # continuous.generate_continuous: its own batcher on every device, experts whole
+    return (f"{n_prompts} prompts split over {shards} devices, continuous batching over "
+            f"{-(-rl.slots // shards)} slots on each")
   ep = expert_parallel_specs(state, mesh)[1]  # as generate(mesh=...) splits the experts
   experts = f", routed experts split over expert={ep}" if ep > 1 else ""
   return f"{n_prompts} prompts split over {shards} devices{experts}"

@@ -21,8 +21,20 @@ then decodes on a smaller batch, which is faster (a step's cost falls with its r
 and slot-steps count only the rows decoded. Each slot count compiles its own decode
 loop once (log2(S) + 1 of them).
 
-Shapes: S slots, P prompts per prefill, R = B*G output rows, N new tokens, C cache
-length (Tp + N), V vocab.
+On a mesh (`generate(slots=..., mesh=...)`) every device along the batch axes runs its
+own batcher: the prompts are split into contiguous shares as in plain batching, each
+device keeps S / shards slots, its own queue and store, and writes its own rows. The
+jitted calls are one SPMD program each (`jax.shard_map`, compiled once, not once per
+device); inside, each device's decode loop stops on its own condition, and the host
+loop reads every device's slots back after each call and refills them all in the next.
+The weights are gathered whole onto every device once, before the loop (the routed
+experts too: devices never communicate inside a call). Without a mesh it is the same
+code on one shard.
+
+Shapes: W shards (1 without a mesh), S slots per shard, P prompts per prefill, R = B*G
+output rows (B padded to a multiple of W), N new tokens, C cache length (Tp + N), V
+vocab. Arrays "per shard" are the W shards' blocks concatenated along axis 0 (the
+prompt experts: axis 1); per-shard scalars are [W].
 """
 
 from __future__ import annotations
@@ -33,161 +45,257 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax.sampling import sampler as sampler_lib
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill_store(graphdef, state, ids_pt, mask_pt, cache_len):
-  """Prefills P prompts into a store of full-length cache rows."""
-  model = sampler_lib.merge_model(graphdef, state)
-  logits_pv, cache, lengths_p, experts = sampler_lib.prefill(model, ids_pt, mask_pt, cache_len)
-  return dict(cache=cache, logits=logits_pv, start=lengths_p), experts
+def _per_shard(fn, mesh, in_specs, out_specs):
+  """fn on every shard of the mesh's batch axes (jax.shard_map), or fn itself without
+  a mesh. Specs are pytree prefixes of strings: "rows" (split over the batch axes on
+  axis 0), "experts" (on axis 1: [L, rows, ...]) and "whole" (the same on every shard)."""
+  if mesh is None:
+    return fn
+  axes = sampler_lib.row_axes(mesh)
+  named = {"rows": P(axes), "experts": P(None, axes), "whole": P()}
+  to_p = lambda specs: jax.tree.map(named.__getitem__, specs)  # noqa: E731
+  return jax.shard_map(fn, mesh=mesh, in_specs=to_p(in_specs), out_specs=to_p(out_specs), check_vma=False)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "cache_len", "n_rows", "params"))
-def _empty_state(graphdef, state, rng, slots, cache_len, n_rows, params):
-  """S free slots and zeroed [R, N] outputs."""
-  model = sampler_lib.merge_model(graphdef, state)
-  vocab = model.cfg.vocab_size
-  zeros = jnp.zeros((slots,), jnp.int32)
-  c = dict(cache=model.init_cache(slots, cache_len), logits=jnp.zeros((slots, vocab), jnp.float32),
-           live=jnp.zeros((slots,), bool), row=zeros + n_rows, t=zeros, start=zeros, budget=zeros,
-           key=sampler_lib.row_keys(rng, zeros), steps=jnp.zeros((), jnp.int32),
-           out=sampler_lib.init_outputs(n_rows, params.max_new_tokens, *sampler_lib.moe_shape(model)))
-  stop_table = sampler_lib.make_stop_table(params.stop_sequences)
-  if stop_table is not None:
-    c["recent"] = jnp.full((slots, stop_table.shape[1]), -2, jnp.int32)
-  return c
+def _state_specs(c):
+  """Specs of a batcher state: everything per shard; the expert records on axis 1."""
+  return dict({k: "rows" for k in c if k != "out"}, out={k: "experts" if k == "experts" else "rows" for k in c["out"]})
 
 
-@functools.partial(jax.jit, donate_argnames=("c",))
-def _refill(c, store, rng, dst_s, src_s, rows_s, budget_s, n):
-  """Slot dst_s[i] starts output row rows_s[i] from store row src_s[i], for i < n.
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
+def _prefill_store(graphdef, state, ids_pt, mask_pt, cache_len, mesh=None):
+  """Prefills each shard's P prompts into its store of full-length cache rows."""
+  def local(state, ids_pt, mask_pt):
+    model = sampler_lib.merge_model(graphdef, state)
+    logits_pv, cache, lengths_p, experts = sampler_lib.prefill(model, ids_pt, mask_pt, cache_len)
+    return dict(cache=cache, logits=logits_pv, start=lengths_p), experts
 
-  dst_s etc. are [S] (entries past n are padding: dst = S, dropped). Cache rows are
-  copied whole, one dynamic_update_slice per row and leaf, so the donated cache is
-  written in place and any cache layout works (only axis 0 is the batch).
+  return _per_shard(local, mesh, ("whole", "rows", "rows"), ("rows", "experts"))(state, ids_pt, mask_pt)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "cache_len", "n_rows", "params", "mesh"))
+def _empty_state(graphdef, state, rng, slots, cache_len, n_rows, params, mesh=None):
+  """S free slots and zeroed [R, N] outputs on each shard (R: the shard's rows)."""
+  def local(state, rng):
+    model = sampler_lib.merge_model(graphdef, state)
+    vocab = model.cfg.vocab_size
+    zeros = jnp.zeros((slots,), jnp.int32)
+    c = dict(cache=model.init_cache(slots, cache_len), logits=jnp.zeros((slots, vocab), jnp.float32),
+             live=jnp.zeros((slots,), bool), row=zeros + n_rows, t=zeros, start=zeros, budget=zeros,
+             key=sampler_lib.row_keys(rng, zeros), steps=jnp.zeros((1,), jnp.int32),
+             out=sampler_lib.init_outputs(n_rows, params.max_new_tokens, *sampler_lib.moe_shape(model)))
+    stop_table = sampler_lib.make_stop_table(params.stop_sequences)
+    if stop_table is not None:
+      c["recent"] = jnp.full((slots, stop_table.shape[1]), -2, jnp.int32)
+    return c
+
+  specs = _state_specs(jax.eval_shape(local, state, rng))  # (the shard's shapes; only the keys matter)
+  return _per_shard(local, mesh, ("whole", "whole"), specs)(state, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("c",))
+def _refill(c, store, rng, dst_s, src_s, rows_s, budget_s, n, first_row, mesh=None):
+  """On each shard, slot dst_s[i] starts output row rows_s[i] from store row src_s[i],
+  for i < n.
+
+  dst_s etc. are [S] per shard (entries past n are padding: dst = S, dropped); n and
+  first_row (the shard's first global output row, for the keys) are [1] per shard.
+  Cache rows are copied whole, one dynamic_update_slice per row and leaf, so the
+  donated cache is written in place and any cache layout works (only axis 0 is the
+  batch).
   """
-  slots = c["live"].shape[0]
-  dst = jnp.where(jnp.arange(slots) < n, dst_s, slots)
-  c = dict(c)
-  c["logits"] = c["logits"].at[dst].set(store["logits"][src_s], mode="drop")
-  c["start"] = c["start"].at[dst].set(store["start"][src_s], mode="drop")
-  c["live"] = c["live"].at[dst].set(budget_s > 0, mode="drop")
-  c["row"] = c["row"].at[dst].set(rows_s, mode="drop")
-  c["t"] = c["t"].at[dst].set(0, mode="drop")
-  c["budget"] = c["budget"].at[dst].set(budget_s, mode="drop")
-  c["key"] = c["key"].at[dst].set(sampler_lib.row_keys(rng, rows_s), mode="drop")
-  if "recent" in c:
-    c["recent"] = c["recent"].at[dst].set(-2, mode="drop")
+  def local(c, store, rng, dst_s, src_s, rows_s, budget_s, n, first_row):
+    n = n[0]
+    slots = c["live"].shape[0]
+    dst = jnp.where(jnp.arange(slots) < n, dst_s, slots)
+    c = dict(c)
+    c["logits"] = c["logits"].at[dst].set(store["logits"][src_s], mode="drop")
+    c["start"] = c["start"].at[dst].set(store["start"][src_s], mode="drop")
+    c["live"] = c["live"].at[dst].set(budget_s > 0, mode="drop")
+    c["row"] = c["row"].at[dst].set(rows_s, mode="drop")
+    c["t"] = c["t"].at[dst].set(0, mode="drop")
+    c["budget"] = c["budget"].at[dst].set(budget_s, mode="drop")
+    c["key"] = c["key"].at[dst].set(sampler_lib.row_keys(rng, first_row[0] + rows_s), mode="drop")
+    if "recent" in c:
+      c["recent"] = c["recent"].at[dst].set(-2, mode="drop")
 
-  def copy_row(i, cache):
-    def one(leaf, src_leaf):
-      row = jax.lax.dynamic_slice_in_dim(src_leaf, src_s[i], 1, axis=0)
-      return jax.lax.dynamic_update_slice_in_dim(leaf, row, dst_s[i], axis=0)
-    return jax.tree.map(one, cache, store["cache"])
+    def copy_row(i, cache):
+      def one(leaf, src_leaf):
+        row = jax.lax.dynamic_slice_in_dim(src_leaf, src_s[i], 1, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(leaf, row, dst_s[i], axis=0)
+      return jax.tree.map(one, cache, store["cache"])
 
-  c["cache"] = jax.lax.fori_loop(0, n, copy_row, c["cache"])
-  return c
+    c["cache"] = jax.lax.fori_loop(0, n, copy_row, c["cache"])
+    return c
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "cache_len"), donate_argnames=("c",))
-def _decode(graphdef, state, c, pending, shrink_at, params, cache_len):
-  """Decodes until a slot frees while samples are waiting (pending), until at most
-  shrink_at rows are live, or until all are done."""
-  model = sampler_lib.merge_model(graphdef, state)
-  stop_table = sampler_lib.make_stop_table(params.stop_sequences)
-
-  def cond(c):
-    n_live = jnp.sum(c["live"])
-    return (n_live > 0) & ~(pending & (n_live < c["live"].shape[0])) & (n_live > shrink_at)
-
-  return jax.lax.while_loop(cond, lambda c: sampler_lib.decode_step(model, c, params, stop_table, cache_len), c)
+  specs = _state_specs(c)
+  run = _per_shard(local, mesh, (specs, "rows", "whole") + ("rows",) * 6, specs)
+  return run(c, store, rng, dst_s, src_s, rows_s, budget_s, n, first_row)
 
 
-@jax.jit
-def _shrink(c, keep_s):
-  """Packs the rows keep_s [S'] (the live ones first) into a state of S' rows."""
-  per_slot = {k: v for k, v in c.items() if k not in ("out", "steps")}
-  packed = jax.tree.map(lambda x: x[keep_s], per_slot)
-  return dict(packed, out=c["out"], steps=c["steps"])
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "cache_len", "mesh"), donate_argnames=("c",))
+def _decode(graphdef, state, c, pending, shrink_at, params, cache_len, mesh=None):
+  """Decodes, on each shard, until one of its slots frees while its samples are waiting
+  (pending [1] per shard), until at most shrink_at rows are live, or until all are done.
+
+  Each shard stops on its own condition, with no collective inside the loop (on a pod
+  that would be a cross-host round trip a step); the call returns when the last shard
+  stops, and a shard that stopped early waits for it (bench/NOTES.md, session 9)."""
+  def local(state, c, pending, shrink_at):
+    model = sampler_lib.merge_model(graphdef, state)
+    stop_table = sampler_lib.make_stop_table(params.stop_sequences)
+
+    def cond(c):
+      n_live = jnp.sum(c["live"])
+      return (n_live > 0) & ~(pending[0] & (n_live < c["live"].shape[0])) & (n_live > shrink_at)
+    return jax.lax.while_loop(cond, lambda c: sampler_lib.decode_step(model, c, params, stop_table, cache_len), c)
+
+  specs = _state_specs(c)
+  return _per_shard(local, mesh, ("whole", specs, "rows", "whole"), specs)(state, c, pending, shrink_at)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _shrink(c, keep_s, mesh=None):
+  """Packs each shard's slots keep_s [S'] (the live ones first) into a state of S' slots."""
+  def local(c, keep_s):
+    per_slot = {k: v for k, v in c.items() if k not in ("out", "steps")}
+    packed = jax.tree.map(lambda x: x[keep_s], per_slot)
+    return dict(packed, out=c["out"], steps=c["steps"])
+
+  specs = _state_specs(c)
+  return _per_shard(local, mesh, (specs, "rows"), specs)(c, keep_s)
+
+
+def _replicated(state, mesh):
+  """The state whole on every device of the mesh (gathered once for the whole loop)."""
+  if mesh is None:
+    return state
+  return jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, P()))(state)
+
+
+def _host(x):
+  """Numpy copy of a (possibly multi-process) array: every process reads every shard."""
+  from r1jax import parallel  # pylint: disable=import-outside-toplevel
+  return parallel.to_host(x)
 
 
 def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size,
-                        params, slots: int, shrink: bool = True):
-  """`sampler.generate` with continuous batching over `slots` decode rows (see module doc).
+                        params, slots: int, shrink: bool = True, mesh=None):
+  """`sampler.generate` with continuous batching over `slots` decode rows (see module
+  doc); on a mesh, ceil(slots / W) rows on each of the W devices of its batch axes.
 
   Returns the same dict as `generate`; slot_steps sums, over decode iterations, the rows
-  each iteration decoded.
+  each iteration decoded (on every shard).
   """
   b, tp = prompt_ids_bt.shape
   g, n = group_size, params.max_new_tokens
-  n_rows, cache_len = b * g, tp + n
+  w = 1
+  if mesh is not None:
+    w = int(np.prod([mesh.shape[a] for a in sampler_lib.row_axes(mesh)]))
   assert slots >= 1, slots
-  per_prefill = min(b, max(1, -(-slots // g)))  # enough prompts to fill every slot at start
-  budget_host = np.asarray(budget_r)
-  prompt_ids_bt, prompt_mask_bt = np.asarray(prompt_ids_bt), np.asarray(prompt_mask_bt)
-  queue = collections.deque(int(r) for r in np.flatnonzero(budget_host > 0))
-  c = _empty_state(graphdef, state, rng, slots, cache_len, n_rows, params)
-  live = np.zeros((slots,), bool)
-  store, store_first, prompt_experts, slot_steps = None, -1, {}, 0
+  b_pad = -(-b // w) * w  # each shard takes b_shard prompts; the padding rows never queue
+  b_shard, slots = b_pad // w, max(1, -(-slots // w))
+  rows_shard, cache_len = b_shard * g, tp + n
+  per_prefill = min(b_shard, max(1, -(-slots // g)))  # enough prompts to fill every slot at start
+  budget_host = np.zeros((b_pad * g,), np.int32)
+  budget_host[:b * g] = np.asarray(budget_r)
+  ids_host = np.zeros((b_pad, tp), np.int32)
+  mask_host = np.zeros((b_pad, tp), np.int32)
+  ids_host[:b], mask_host[:b] = np.asarray(prompt_ids_bt), np.asarray(prompt_mask_bt)
+  # Shard i's queue: its own rows (local numbering), in order.
+  queues = [collections.deque(int(r) for r in np.flatnonzero(budget_host[i * rows_shard:(i + 1) * rows_shard] > 0))
+            for i in range(w)]
+  state = _replicated(state, mesh)
+  c = _empty_state(graphdef, state, rng, slots, cache_len, rows_shard, params, mesh)
+  live = np.zeros((w, slots), bool)
+  store, store_first, prompt_experts, slot_steps = None, [-per_prefill - 1] * w, {}, 0
+  first_rows = jnp.asarray(np.arange(w, dtype=np.int32) * rows_shard)
 
-  def prefill_from(first):
-    ids = np.zeros((per_prefill, tp), np.int32)
-    mask = np.zeros((per_prefill, tp), np.int32)
-    take = min(per_prefill, b - first)
-    ids[:take] = prompt_ids_bt[first:first + take]
-    mask[:take] = prompt_mask_bt[first:first + take]
-    new_store, experts = _prefill_store(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache_len)
+  def prefill(firsts):
+    """Every shard prefills its window of P prompts from firsts[i] (local prompt index)."""
+    ids = np.zeros((w, per_prefill, tp), np.int32)
+    mask = np.zeros((w, per_prefill, tp), np.int32)
+    for i, first in enumerate(firsts):
+      take = max(0, min(per_prefill, b_shard - first))
+      lo = i * b_shard + first
+      ids[i, :take], mask[i, :take] = ids_host[lo:lo + take], mask_host[lo:lo + take]
+    new_store, experts = _prefill_store(graphdef, state, jnp.asarray(ids.reshape(w * per_prefill, tp)),
+                                        jnp.asarray(mask.reshape(w * per_prefill, tp)), cache_len, mesh)
     if experts is not None:
-      for i in range(take):
-        prompt_experts[first + i] = experts[:, i]
+      experts = _host(experts)
+      for i, first in enumerate(firsts):
+        for j in range(max(0, min(per_prefill, b_shard - first))):
+          prompt_experts[i * b_shard + first + j] = experts[:, i * per_prefill + j]
     return new_store
 
-  def place(c, batch):
-    """Starts the (slot, row, store row) triples of `batch` in one _refill call."""
-    if not batch:
+  def place(c, batches):
+    """Starts each shard's (slot, row, store row) triples in one _refill call."""
+    if not any(batches):
       return c
-    k = len(live)
-    dst, src, rows = np.full((k,), k, np.int32), np.zeros((k,), np.int32), np.zeros((k,), np.int32)
-    budget = np.zeros((k,), np.int32)
-    for i, (s, r, p) in enumerate(batch):
-      dst[i], rows[i], src[i], budget[i] = s, r, p, budget_host[r]
-      live[s] = True
-    return _refill(c, store, rng, jnp.asarray(dst), jnp.asarray(src), jnp.asarray(rows),
-                   jnp.asarray(budget), jnp.int32(len(batch)))
+    dst = np.full((w, slots), slots, np.int32)
+    src, rows, budget = (np.zeros((w, slots), np.int32) for _ in range(3))
+    for i, batch in enumerate(batches):
+      for j, (slot, r, p) in enumerate(batch):
+        dst[i, j], rows[i, j], src[i, j], budget[i, j] = slot, r, p, budget_host[i * rows_shard + r]
+        live[i, slot] = True
+    counts = np.array([len(batch) for batch in batches], np.int32)
+    flat = lambda x: jnp.asarray(x.reshape(-1))  # noqa: E731
+    return _refill(c, store, rng, flat(dst), flat(src), flat(rows), flat(budget), jnp.asarray(counts),
+                   first_rows, mesh)
 
   while True:
-    # Every free slot takes the next waiting sample; prompts are prefilled as needed.
-    free = collections.deque(int(s) for s in np.flatnonzero(~live))
-    batch = []
-    while free and queue:
-      p = queue[0] // g
-      if store is None or not store_first <= p < store_first + per_prefill:
-        c, batch = place(c, batch), []  # this store's samples go in before it is replaced
-        store, store_first = prefill_from(p), p
-      batch.append((free.popleft(), queue.popleft(), p - store_first))
-    c = place(c, batch)
+    # Every free slot takes the next waiting sample of its shard; a shard whose next
+    # sample's prompt is not in its store gets a new store once this round is placed.
+    while True:
+      batches, needs = [[] for _ in range(w)], [False] * w
+      for i in range(w):
+        free = collections.deque(int(s) for s in np.flatnonzero(~live[i]))
+        while free and queues[i]:
+          p = queues[i][0] // g
+          if store is None or not store_first[i] <= p < store_first[i] + per_prefill:
+            needs[i] = True
+            break
+          batches[i].append((free.popleft(), queues[i].popleft(), p - store_first[i]))
+      c = place(c, batches)
+      if not any(needs):
+        break
+      store_first = [queues[i][0] // g if needs[i] else store_first[i] for i in range(w)]
+      store = prefill([max(f, 0) for f in store_first])
     if not live.any():
       break
-    can_shrink = shrink and not queue and len(live) >= 2
-    if can_shrink and live.sum() <= len(live) // 2:
-      keep = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:len(live) // 2]
-      c = _shrink(c, jnp.asarray(keep))
-      live = live[keep]
+    waiting = [bool(q) for q in queues]
+    can_shrink = shrink and not any(waiting) and slots >= 2
+    if can_shrink and (live.sum(axis=1) <= slots // 2).all():
+      keep = np.stack([np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)])[:slots // 2] for row in live])
+      c = _shrink(c, jnp.asarray(keep.reshape(-1)), mesh)
+      live = np.take_along_axis(live, keep, axis=1)
+      slots = slots // 2
       continue
-    steps_before = int(c["steps"])
-    shrink_at = len(live) // 2 if can_shrink else -1
-    c = _decode(graphdef, state, c, jnp.asarray(bool(queue)), jnp.int32(shrink_at), params, cache_len)
-    live = np.array(c["live"])
-    slot_steps += (int(c["steps"]) - steps_before) * len(live)
+    steps_before = _host(c["steps"])
+    shrink_at = slots // 2 if can_shrink else -1
+    c = _decode(graphdef, state, c, jnp.asarray(waiting), jnp.int32(shrink_at), params, cache_len, mesh)
+    live = np.array(_host(c["live"])).reshape(w, slots)
+    slot_steps += int((_host(c["steps"]) - steps_before).sum()) * slots
 
-  out = dict(c["out"], steps=c["steps"], slot_steps=jnp.asarray(slot_steps, jnp.int32))
+  out = _finish(c["out"], c["steps"], b * g)
+  out["slot_steps"] = jnp.asarray(slot_steps, jnp.int32)
   out.setdefault("experts", None)
   out["prompt_experts"] = None
   if prompt_experts:
     some = next(iter(prompt_experts.values()))
-    stacked = [prompt_experts.get(i, jnp.zeros_like(some)) for i in range(b)]
-    out["prompt_experts"] = jnp.repeat(jnp.stack(stacked, axis=1), g, axis=1)
+    stacked = [prompt_experts.get(i, np.zeros_like(some)) for i in range(b)]
+    out["prompt_experts"] = jnp.repeat(jnp.asarray(np.stack(stacked, axis=1)), g, axis=1)
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("n_rows",))
+def _finish(out, steps, n_rows):
+  """The first n_rows output rows (dropping the padding prompts' rows); steps: the most
+  decode iterations any shard ran."""
+  out = {k: (v[:, :n_rows] if k == "experts" else v[:n_rows]) for k, v in out.items()}
+  return dict(out, steps=jnp.max(steps))

@@ -311,7 +311,8 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     prompt_ids_bt, prompt_mask_bt: left-padded prompts [B, Tp] and their mask.
     slots: None decodes all B*G rows together until the longest ends (plain batching);
       an int S batches continuously over S rows, refilling finished rows with waiting
-      samples (`r1jax.sampling.continuous`; one device). Same outputs either way.
+      samples (`r1jax.sampling.continuous`; with a mesh, S / shards rows on each device
+      of its batch axes, each with its own share of the prompts). Same outputs either way.
     max_tokens_per_row: optional [B*G] ints: row r stops after that many tokens (as if
       max_new_tokens were smaller for it; its mask ends there).
     mesh: optional device mesh for data-parallel rollouts (plain batching): the prompts
@@ -319,7 +320,8 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
       their size with copies of the last prompt, whose rows are dropped) and each
       device samples its own, with the dense weights gathered whole onto it once. With
       an `expert` axis > 1 the routed experts stay split over it (expert-parallel
-      decode, `r1jax.model.cached_moe`). Same outputs as one device. For models whose
+      decode, `r1jax.model.cached_moe`; with slots, every device holds every expert).
+      Same outputs as one device. For models whose
       dense weights do not fit on one device, leave it None and let the weights' own
       shardings drive the partitioning (`parallel.rollout_mesh` chooses for the stages).
   Returns a dict:
@@ -337,16 +339,17 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
   mask = jnp.asarray(prompt_mask_bt, jnp.int32)
   rng = as_typed_key(rng)
   budget_r = row_budgets(max_tokens_per_row, ids.shape[0] * group_size, params.max_new_tokens)
+  if mesh is not None and row_axes(mesh):
+    # The shard_maps below state every input's layout themselves; on a mesh of Explicit
+    # axes they would instead demand the callers' arrays already carry those layouts.
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+  else:
+    mesh = None
   if slots is not None:
-    if mesh is not None and row_axes(mesh):
-      raise ValueError("generate: continuous batching (slots) runs on one device; pass slots or mesh, not both")
     from r1jax.sampling import continuous  # pylint: disable=import-outside-toplevel
     return continuous.generate_continuous(graphdef, state, ids, mask, rng, budget_r, group_size,
-                                          params, slots)
-  if mesh is not None and row_axes(mesh):
-    # The shard_map below states every input's layout itself; on a mesh of Explicit axes
-    # it would instead demand the callers' arrays already carry those layouts.
-    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+                                          params, slots, mesh=mesh)
+  if mesh is not None:
     out = _generate_sharded(graphdef, state, ids, mask, rng, budget_r, group_size, params, mesh)
   else:
     out = _generate(graphdef, state, ids, mask, rng, budget_r, group_size, params)
