@@ -49,11 +49,11 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
                slot, GQA 2 K Dh c (/ tensor); the prefill of ceil(B' / W) prompts (one layer's
                scores, q queries at a time; the last prompt token's fp32 logits); the
                routing-replay record of chosen experts (int32, L_moe x rows x seq_len x
-               top_k). B' = ceil(rl.oversample x B) with dynamic sampling. With
-               mesh.tensor = 1 the stage's sampler splits the rows over the batch axes
-               itself (parallel.rollout_mesh) and, with fsdp > 1, holds a copy of the
-               weights without the fsdp split (routed experts still split over expert);
-               with tensor > 1 this assumes XLA shards the cache like the training batch.
+               top_k). B' = ceil(rl.oversample x B) with dynamic sampling. The stage's
+               sampler splits the rows over the batch axes itself (parallel.rollout_mesh)
+               and, with fsdp > 1, holds a copy of the weights without the fsdp split
+               (routed experts still split over expert, everything still split over
+               tensor).
                Continuous batching (rl.slots = S) holds ceil(S / W) rows a device (S
                when the rows do not split) plus a store of prefilled prompts, and every
                device holds every routed expert.

@@ -261,10 +261,11 @@ def rollout_mesh(state, n_prompts: int) -> Mesh | None:
   prompts over the batch axes (data / fsdp / expert), each device decoding its own rows
   with the dense weights whole and, with mesh.expert > 1, its slice of the routed
   experts, is the sampler's own layout (SAMPLING_RULES: no fsdp split while decoding).
-  None, and XLA partitions the sampler from the weights' shardings instead, when:
-  the batch axes are 1 (nothing to split); fewer prompts than batch shards (most
-  devices would decode padding: generate pads B up to a multiple of the shards);
-  mesh.tensor > 1 (the sampler's shard_map would gather tensor-split weights whole).
+  A split over `tensor` stays: each shard's decode is tensor-parallel (the sampler's
+  shard_map is manual over the batch axes only). None, and XLA partitions the sampler
+  from the weights' shardings instead, when the batch axes are 1 (nothing to split) or
+  there are fewer prompts than batch shards (most devices would decode padding:
+  generate pads B up to a multiple of the shards).
   With several processes every host passes the same global prompts and key, and reads
   every row back (to_host), as on the other path (tests/test_multihost_cli.py).
   """
@@ -279,7 +280,7 @@ def rollouts_split(sizes, n_prompts: int) -> bool:
   """Whether rollout_mesh splits n_prompts over a mesh of these axis sizes (a mapping
   axis -> size; also what the --dry_run memory plan assumes)."""
   shards = int(np.prod([sizes.get(a, 1) for a in BATCH_AXES]))
-  return 1 < shards <= n_prompts and sizes.get("tensor", 1) == 1
+  return 1 < shards <= n_prompts
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

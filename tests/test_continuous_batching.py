@@ -29,8 +29,8 @@ def _heavy_tailed(n_rows, cap, seed=0):
   return np.clip(np.round(cap / 8 * np.exp(rng.standard_normal(n_rows))), 1, cap).astype(np.int32)
 
 
-def _run(model, ids, mask, params, g, **kw):
-  return jax.device_get(generate(model, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(7),
+def _run(model, ids, mask, params, g, state=None, **kw):
+  return jax.device_get(generate(model, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(7),
                                  group_size=g, params=params, **kw))
 
 
@@ -164,3 +164,42 @@ def test_continuous_batching_over_the_mesh_equals_one_device(cfg, monkeypatch):
   assert shard_rows and max(shard_rows) == 2, shard_rows  # 2 slots a device (fewer once the tail shrinks)
   # Every device's decode iterations are counted: at least the tokens, at most its slots x its steps.
   assert one["mask"].sum() <= int(split["slot_steps"]) <= 8 * int(split["steps"])
+
+
+def test_rollouts_over_the_batch_axes_keep_tensor_split_weights_split(monkeypatch):
+  """On a (data 2, tensor 2) mesh with the weights split over `tensor` (the training
+  layout), generate(mesh=...) splits the prompts over `data` and leaves the tensor split
+  to XLA: the same samples as one device, and no device gathers the weights whole
+  (before, the sampler's shard_map gathered them: ~1.4x the weights in temporaries
+  here). Continuous batching keeps the split too."""
+  import jax.numpy as jnp
+  from r1jax import parallel
+  from r1jax import state as state_lib
+  from r1jax.sampling import continuous, sampler
+  cfg = ModelConfig(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=512)
+  mesh = parallel.make_mesh(dict(data=2, fsdp=1, expert=1, tensor=2), devices=jax.devices()[:4])
+  graphdef, state = nnx.split(state_lib.create_model(cfg, seed=0, mesh=mesh))
+  tensor_split = [x for x in jax.tree.leaves(state) if "tensor" in jax.tree.leaves(tuple(x.sharding.spec))]
+  assert len(tensor_split) >= 3 * cfg.n_layers  # heads / FFN width / vocabulary over tensor
+  one_device = nnx.merge(graphdef, jax.device_get(state))
+  ids, mask = _prompts(4, seed=3)
+  params = SamplingParams(max_new_tokens=8, temperature=1.0)
+  one = _run(one_device, ids, mask, params, 2)
+  _assert_same(one, _run(graphdef, ids, mask, params, 2, state=state, mesh=mesh))
+
+  auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  compiled = sampler._generate_sharded.lower(
+      graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sampler.as_typed_key(jax.random.key(7)),
+      sampler.row_budgets(None, 8, 8), 2, params, auto).compile()
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  assert compiled.memory_analysis().temp_size_in_bytes < weight_bytes / 4, compiled.memory_analysis()
+
+  kept, real_decode = [], continuous._decode
+
+  def spy_decode(graphdef, state, c, *args, **kw):
+    kept.append(sum("tensor" in jax.tree.leaves(tuple(x.sharding.spec)) for x in jax.tree.leaves(state)))
+    return real_decode(graphdef, state, c, *args, **kw)
+
+  monkeypatch.setattr(continuous, "_decode", spy_decode)
+  _assert_same(one, _run(graphdef, ids, mask, params, 2, state=state, mesh=mesh, slots=4))
+  assert kept and set(kept) == {len(tensor_split)}

@@ -103,8 +103,10 @@ def test_documented_formulas():
   whole = rows["rollout: weights whole (no fsdp split)"]
   assert whole == 4 * n_params and p < whole <= 2 * p  # expert = 1: every weight whole
   assert est["phases"]["rollout"] >= whole + rows["rollout: KV cache"]
-  # tensor 2: XLA partitions the sampler from the weights' shardings; no whole copy.
-  assert "rollout: weights whole (no fsdp split)" not in memory.estimate(config, (1, 2, 1, 2))["rows"]
+  # tensor 2: the copy is whole over fsdp only; the tensor split stays.
+  _, tensor_split = memory.per_device_param_bytes(config, (1, 1, 1, 2))
+  assert memory.estimate(config, (1, 2, 1, 2))["rows"]["rollout: weights whole (no fsdp split)"] == tensor_split
+  assert tensor_split < whole
   # Continuous batching over 8 slots: 2 a device (4 batch shards) + a store of 1 prompt.
   continuous = config.copy_and_resolve_references()
   continuous.rl.slots = 8

@@ -88,3 +88,27 @@ def test_grpo_continuous_batching_splits_over_the_mesh(tmp_path, monkeypatch, ca
   assert 0 <= summary["final_accuracy"] <= 1
   assert "[grpo] rollouts: 8 prompts split over 8 devices, continuous batching over 2 slots on each" in (
       capsys.readouterr().out)
+
+
+def test_grpo_rollouts_split_over_the_batch_axes_with_tensor_parallelism(tmp_path, monkeypatch, capsys):
+  """On (data 4, tensor 2) the GRPO stage's rollouts split the prompts over `data`, each
+  batch shard decoding tensor-parallel, rather than each data shard decoding every row."""
+  from r1jax.rl import trainer as trainer_lib
+  from r1jax.sampling import sampler
+  meshes, real_generate = [], sampler.generate
+
+  def spy_generate(*args, **kw):
+    meshes.append(None if kw.get("mesh") is None else dict(kw["mesh"].shape))
+    return real_generate(*args, **kw)
+
+  monkeypatch.setattr(trainer_lib, "generate", spy_generate)
+  config = config_lib.apply_overrides(config_lib.default_config(), [
+      "stage=grpo", f"workdir={tmp_path}", "train.steps=1", "train.batch_size=8", "train.log_every=1",
+      "train.seq_len=40", "data.n_train=64", "data.n_test=8", "eval.n=8", "eval.every=0",
+      "rl.group_size=2", "rl.max_new_tokens=12", "model.n_layers=2", "mesh.data=4", "mesh.tensor=2"])
+  config_lib.validate(config)
+  summary = trainer_lib.run(config, str(tmp_path))
+  assert meshes and meshes[0] == dict(data=4, fsdp=1, expert=1, tensor=2), meshes
+  assert 0 <= summary["final_accuracy"] <= 1
+  assert "[grpo] rollouts: 8 prompts split over 4 batch shards, each tensor-parallel over 2 devices" in (
+      capsys.readouterr().out)

@@ -178,12 +178,13 @@ def rollout_layout(st, rl, n_prompts: int) -> str:
     where = f"{n_prompts} prompts in one program partitioned by XLA from the weights' shardings"
     return where + (f", continuous batching over {rl.slots} slots" if rl.slots else "")
   shards = int(np.prod([mesh.shape[a] for a in row_axes(mesh)]))
-  if rl.slots:  # continuous.generate_continuous: its own batcher on every device, experts whole
-    return (f"{n_prompts} prompts split over {shards} devices, continuous batching over "
-            f"{-(-rl.slots // shards)} slots on each")
+  tensor = mesh.shape.get("tensor", 1)
+  where = f"{n_prompts} prompts split over {shards} " + (
+      "devices" if tensor == 1 else f"batch shards, each tensor-parallel over {tensor} devices")
+  if rl.slots:  # continuous.generate_continuous: its own batcher on every shard, experts whole
+    return f"{where}, continuous batching over {-(-rl.slots // shards)} slots on each"
   ep = expert_parallel_specs(state, mesh)[1]  # as generate(mesh=...) splits the experts
-  experts = f", routed experts split over expert={ep}" if ep > 1 else ""
-  return f"{n_prompts} prompts split over {shards} devices{experts}"
+  return where + (f", routed experts split over expert={ep}" if ep > 1 else "")
 
 
 def score_groups(weights, fns, examples, texts, group_size: int):

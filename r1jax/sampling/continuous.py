@@ -27,8 +27,9 @@ device keeps S / shards slots, its own queue and store, and writes its own rows.
 jitted calls are one SPMD program each (`jax.shard_map`, compiled once, not once per
 device); inside, each device's decode loop stops on its own condition, and the host
 loop reads every device's slots back after each call and refills them all in the next.
-The weights are gathered whole onto every device once, before the loop (the routed
-experts too: devices never communicate inside a call). Without a mesh it is the same
+The weights are gathered whole over the batch axes once, before the loop (the routed
+experts too: the batch shards never communicate inside a call); a split over `tensor`
+is kept, and XLA partitions each shard's calls over that axis. Without a mesh it is the same
 code on one shard.
 
 Shapes: W shards (1 without a mesh), S slots per shard, P prompts per prefill, R = B*G
@@ -53,13 +54,16 @@ from r1jax.sampling import sampler as sampler_lib
 def _per_shard(fn, mesh, in_specs, out_specs):
   """fn on every shard of the mesh's batch axes (jax.shard_map), or fn itself without
   a mesh. Specs are pytree prefixes of strings: "rows" (split over the batch axes on
-  axis 0), "experts" (on axis 1: [L, rows, ...]) and "whole" (the same on every shard)."""
+  axis 0), "experts" (on axis 1: [L, rows, ...]) and "whole" (the same on every shard).
+  Manual over the batch axes only: what is split over `tensor` stays split, and XLA
+  partitions each shard's work over it."""
   if mesh is None:
     return fn
   axes = sampler_lib.row_axes(mesh)
   named = {"rows": P(axes), "experts": P(None, axes), "whole": P()}
   to_p = lambda specs: jax.tree.map(named.__getitem__, specs)  # noqa: E731
-  return jax.shard_map(fn, mesh=mesh, in_specs=to_p(in_specs), out_specs=to_p(out_specs), check_vma=False)
+  return jax.shard_map(fn, mesh=mesh, in_specs=to_p(in_specs), out_specs=to_p(out_specs), axis_names=set(axes),
+                       check_vma=False)
 
 
 def _state_specs(c):
@@ -172,10 +176,19 @@ def _shrink(c, keep_s, mesh=None):
 
 
 def _replicated(state, mesh):
-  """The state whole on every device of the mesh (gathered once for the whole loop)."""
+  """The state whole over the mesh's batch axes (gathered once for the whole loop); a
+  split over any other axis (tensor) is kept."""
   if mesh is None:
     return state
-  return jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, P()))(state)
+  rows = set(sampler_lib.row_axes(mesh))
+
+  def whole_over_rows(x):
+    spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+    kept = [tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a not in rows) or None if e else None
+            for e in spec]
+    return NamedSharding(mesh, P(*kept))
+
+  return jax.jit(lambda s: s, out_shardings=jax.tree.map(whole_over_rows, state))(state)
 
 
 def _host(x):

@@ -255,12 +255,15 @@ def expert_parallel_specs(state, mesh):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "params", "mesh"))
 def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size, params, mesh):
-  """Plain batching over the mesh: each device samples its share of the prompts, all of
-  their G rows. The dense weights are gathered whole onto every device once, on entry.
-  The routed experts of an MoE model are split over the `expert` axis when the mesh has
-  one (expert-parallel decode, `r1jax.model.cached_moe`); otherwise they are gathered
-  whole too and the devices never communicate. The keys follow the global output row,
-  so the result equals one device's."""
+  """Plain batching over the mesh: each shard of the batch axes samples its share of the
+  prompts, all of their G rows. The weights are gathered whole over the batch axes
+  once, on entry, except the routed experts of an MoE model, which stay split over the
+  `expert` axis when the mesh has one (expert-parallel decode, `r1jax.model.cached_moe`).
+  The shard_map is manual over the batch axes only: weights split over `tensor` stay
+  split, and XLA partitions each shard's decode over that axis (tensor-parallel
+  attention heads and FFN width, as in training). Without experts split and with
+  tensor 1 the devices never communicate. The keys follow the global output row, so the
+  result equals one device's."""
   axes = row_axes(mesh)
   n_shards = int(np.prod([mesh.shape[a] for a in axes]))
   b = prompt_ids_bt.shape[0]
@@ -285,7 +288,7 @@ def _generate_sharded(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budge
   specs = dict(tokens=split, logprobs=split, mask=split, steps=split, slot_steps=split,
                prompt_experts=P(None, axes), experts=P(None, axes))
   out = jax.shard_map(local, mesh=mesh, in_specs=(state_specs, split, split, P(), split), out_specs=specs,
-                      check_vma=False)(state, prompt_ids_bt, prompt_mask_bt, rng, budget_r)
+                      axis_names=set(axes), check_vma=False)(state, prompt_ids_bt, prompt_mask_bt, rng, budget_r)
   n_rows = b * group_size  # the padding's rows dropped (row axis 0, or 1 for the expert records)
   out.update({k: out[k][:n_rows] for k in ("tokens", "logprobs", "mask")})
   out.update({k: out[k][:, :n_rows] for k in ("experts", "prompt_experts") if out.get(k) is not None})
