@@ -19,8 +19,9 @@ is drawn log-normal (median N/8, sigma 1, capped at N = 8 x median) through
 `max_tokens_per_row`, plain batching vs continuous batching over --slots rows.
 Continuous batching halves its rows once nothing is waiting and half are idle, so its
 decode rows shrink in the tail; the last column divides by --slots x iterations instead.
-With --devices N, both split the prompts over the N devices (continuous batching: a
-batcher on each device with --slots / N slots).
+With --devices N, plain batching splits the prompts over the N devices; continuous
+batching runs on one device (the `slot_utilisation` figure) and then on the mesh (a
+batcher on each device with --slots / N slots over its own share of the prompts).
 
 The peer runs in its own venv as a subprocess (bench/peer_tunix.py --serve), warmed up
 before our timed calls; each of our timed calls is followed by one of the peer's, so load
@@ -175,8 +176,9 @@ def main():
     mesh = jax.make_mesh((args.devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
 
   def sample(i, **kw):
+    kw.setdefault("mesh", mesh)
     return generate(graphdef, state, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(i),
-                    group_size=args.group, params=params, mesh=mesh, **kw)
+                    group_size=args.group, params=params, **kw)
 
   peer = start_peer(args)  # compiles before any of our timed calls
   times, cpu_times, peer_runs, out = timed(sample, args.iters, peer)
@@ -196,7 +198,11 @@ def main():
 
   lengths = heavy_tailed_lengths(n_rows, args.new_tokens, args.seed)
   mix = {}
-  for name, kw in (("plain", {}), (f"continuous ({args.slots} slots)", dict(slots=args.slots))):
+  cont_name = f"continuous ({args.slots} slots)"
+  runs = [("plain", dict(mesh=mesh)), (cont_name, dict(slots=args.slots, mesh=None))]
+  if mesh is not None:  # a batcher on each device, --slots / N slots each
+    runs.append((f"continuous ({args.slots} slots, {args.devices} dev)", dict(slots=args.slots, mesh=mesh)))
+  for name, kw in runs:
     ts, _, _, o = timed(lambda i, kw=kw: sample(i, max_tokens_per_row=lengths, **kw), args.iters)
     useful = int(np.asarray(o["mask"]).sum())
     assert useful == int(lengths.sum()), (useful, int(lengths.sum()))
@@ -207,10 +213,11 @@ def main():
                      utilisation_fixed_rows=useful / (rows * int(o["steps"])))
 
   kind = "moe (8 experts top-2)" if args.moe else "dense"
+  on_mesh = (f" on a {mesh.axis_names[0]} axis (continuous batching: one device, then "
+             f"{-(-args.slots // args.devices)} slots on each device)") if mesh is not None else ""
   print(f"workload: {kind}, {args.prompts} prompts x G={args.group}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, T=1.0, fp32, jax {jax.__version__}, {jax.devices()[0].platform} x "
-        f"{args.devices} device(s){f' on a {mesh.axis_names[0]} axis' if mesh is not None else ''} "
-        f"(continuous batching: {-(-args.slots // args.devices)} slots on each device)")
+        f"{args.devices} device(s){on_mesh}")
   print(f"{'':32s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'ratio':>6s} {'cpu-s':>6s}")
   print(f"{'r1jax generate':32s} {tokens:7d} {sec:8.3f} {ours_tps:9,.0f} "
         f"{(ours_tps / peer_tps) if peer_tps else float('nan'):6.2f} {cpu_sec:6.2f}")
@@ -226,7 +233,7 @@ def main():
   for name, m in mix.items():
     print(f"{name:32s} {m['utilisation']:11.1%} {m['steps']:6d} {m['slot_steps']:10d} {m['tokens_per_s']:9,.0f} "
           f"{m['utilisation_fixed_rows']:26.1%}")
-  cont = mix[f"continuous ({args.slots} slots)"]
+  cont = mix[cont_name]  # one device: the figure the sampler issue's target reads
   result = dict(workload=kind, devices=args.devices, mesh_axis=mesh.axis_names[0] if mesh is not None else None,
                 tokens=tokens, seconds=times, cpu_seconds=cpu_times,
                 tokens_per_s=ours_tps,

@@ -157,6 +157,7 @@ def _decode(graphdef, state, c, pending, shrink_at, params, cache_len, mesh=None
     def cond(c):
       n_live = jnp.sum(c["live"])
       return (n_live > 0) & ~(pending[0] & (n_live < c["live"].shape[0])) & (n_live > shrink_at)
+
     return jax.lax.while_loop(cond, lambda c: sampler_lib.decode_step(model, c, params, stop_table, cache_len), c)
 
   specs = _state_specs(c)
