@@ -141,10 +141,10 @@ def test_data_parallel_rollouts_equal_one_device():
 
 @pytest.mark.parametrize("cfg", [DENSE_GQA, MOE_MLA], ids=["dense_gqa", "moe_mla"])
 def test_continuous_batching_over_the_mesh_equals_one_device(cfg, monkeypatch):
-  """generate(slots=S, mesh=...) runs a batcher on every device of the batch axes, each
-  over its own prompts (5 prompts over 4 shards: one padded) with S / 4 slots: the
-  same outputs as plain batching on one device, and each device's decode loop only
-  ever holds its own 2 slots (not the S = 8 of one batcher)."""
+  """generate(slots=S, mesh=...) runs a batcher on every device of the batch axes, with
+  S / 4 slots each, fed from one queue of 5 prompts: the same outputs as plain batching
+  on one device, and each device's decode loop only ever holds its own 2 slots (not the
+  S = 8 of one batcher)."""
   from r1jax.sampling import continuous
   shard_rows, real_decode = [], continuous._decode
 
@@ -203,3 +203,29 @@ def test_rollouts_over_the_batch_axes_keep_tensor_split_weights_split(monkeypatc
   monkeypatch.setattr(continuous, "_decode", spy_decode)
   _assert_same(one, _run(graphdef, ids, mask, params, 2, state=state, mesh=mesh, slots=4))
   assert kept and set(kept) == {len(tensor_split)}
+
+
+def test_continuous_batching_over_the_mesh_steals_waiting_samples(monkeypatch):
+  """2 prompts x G = 8 over 4 shards of 2 slots: the shards that get no prompt take the
+  unstarted samples of another shard's prompt (prefilling it again themselves), and the
+  outputs still equal one device's."""
+  from r1jax.sampling import continuous
+  windows, real_prefill = [], continuous._prefill_store
+
+  def spy_prefill(graphdef, state, ids, mask, cache_len, mesh=None):
+    windows.append(np.asarray(ids).reshape(4, -1, ids.shape[1]))
+    return real_prefill(graphdef, state, ids, mask, cache_len, mesh)
+
+  monkeypatch.setattr(continuous, "_prefill_store", spy_prefill)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  model = Transformer(DENSE_GQA, nnx.Rngs(4))
+  ids, mask = _prompts(2, seed=9)
+  params = SamplingParams(max_new_tokens=12, temperature=1.0)
+  budget = _heavy_tailed(2 * 8, 12, seed=3)
+  one = _run(model, ids, mask, params, 8, max_tokens_per_row=budget)
+  split = _run(model, ids, mask, params, 8, max_tokens_per_row=budget, slots=8, mesh=mesh)
+  _assert_same(one, split)
+  # Which shards prefilled each prompt (a shard's store row 0 holds its current prompt).
+  shards_of = {p: {i for w in windows for i in range(4) if (w[i, 0] == ids[p]).all()} for p in range(2)}
+  assert max(len(s) for s in shards_of.values()) >= 2, shards_of
+  assert one["mask"].sum() <= int(split["slot_steps"])

@@ -290,8 +290,8 @@ def default_rl_config():
       top_p=1.0,
       max_new_tokens=64,         # generation budget; also the 'constant' normaliser
       slots=0,                   # >0: continuous batching over this many decode rows (refill
-                                 # finished rows; split over the mesh's batch shards like the
-                                 # prompts); 0: all B*G rows at once
+                                 # finished rows; on a mesh, a batcher with slots / shards rows
+                                 # on each batch shard); 0: all B*G rows at once
       cache_segments=4,          # plain batching decodes in segments over a growing KV cache,
                                  # so early steps skip empty slots (CPU: 11-18% faster rollouts,
                                  # one more decode-loop compile per segment)
