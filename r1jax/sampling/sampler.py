@@ -314,19 +314,20 @@ def generate(model_or_graphdef, state=None, *, prompt_ids_bt, prompt_mask_bt, rn
     prompt_ids_bt, prompt_mask_bt: left-padded prompts [B, Tp] and their mask.
     slots: None decodes all B*G rows together until the longest ends (plain batching);
       an int S batches continuously over S rows, refilling finished rows with waiting
-      samples (`r1jax.sampling.continuous`; with a mesh, S / shards rows on each device
-      of its batch axes, each with its own share of the prompts). Same outputs either way.
+      samples (`r1jax.sampling.continuous`; with a mesh, S / shards rows on each shard
+      of its batch axes, fed from one prompt queue). Same outputs either way.
     max_tokens_per_row: optional [B*G] ints: row r stops after that many tokens (as if
       max_new_tokens were smaller for it; its mask ends there).
-    mesh: optional device mesh for data-parallel rollouts (plain batching): the prompts
-      split over its batch axes (`parallel.BATCH_AXES`; B is padded to a multiple of
-      their size with copies of the last prompt, whose rows are dropped) and each
-      device samples its own, with the dense weights gathered whole onto it once. With
-      an `expert` axis > 1 the routed experts stay split over it (expert-parallel
-      decode, `r1jax.model.cached_moe`; with slots, every device holds every expert).
-      Same outputs as one device. For models whose
-      dense weights do not fit on one device, leave it None and let the weights' own
-      shardings drive the partitioning (`parallel.rollout_mesh` chooses for the stages).
+    mesh: optional device mesh for data-parallel rollouts: the prompts split over its
+      batch axes (`parallel.BATCH_AXES`; plain batching pads B to a multiple of their
+      size with copies of the last prompt, whose rows are dropped) and each shard
+      samples its own, with the weights gathered whole over those axes once. A split
+      over `tensor` stays (each shard decodes tensor-parallel). With an `expert` axis
+      > 1 the routed experts stay split over it in plain batching (expert-parallel
+      decode, `r1jax.model.cached_moe`); with slots every shard holds every expert.
+      Same outputs as one device. For models whose weights do not fit on one device
+      without their fsdp split, leave it None and let the weights' own shardings drive
+      the partitioning (`parallel.rollout_mesh` chooses for the stages).
   Returns a dict:
     tokens [B*G, N] int32 (row b*G + j is sample j of prompt b), mask [B*G, N] (1 up to
     and including the stop token), logprobs [B*G, N] fp32 log pi(token) at the sampling
