@@ -82,6 +82,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from r1jax import config as config_lib
 from r1jax import parallel
 from r1jax.model.transformer import Transformer
+from r1jax.sampling import continuous
 
 GIB = 1024 ** 3
 NUM_DEVICES_ENV = "R1JAX_NUM_DEVICES"
@@ -256,8 +257,8 @@ def estimate(config, mesh_shape, params=None) -> dict:
     r_prompt = math.ceil(sampled / ways)
     r_cache = r_roll
     if rl.slots:  # continuous batching: S / W slots a device (S without the split) + the prompt store
-      r_cache = math.ceil(rl.slots / ways) if split else rl.slots
-      r_prompt = min(r_prompt, math.ceil(r_cache / rl.group_size))
+      r_cache = continuous.slots_per_shard(rl.slots, ways) if split else rl.slots
+      r_prompt = min(sampled, math.ceil(r_cache / rl.group_size))  # generate_continuous's per_prefill
       r_cache += r_prompt
     prompt = seq - rl.max_new_tokens
     cache = r_cache * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)

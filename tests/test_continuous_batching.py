@@ -45,6 +45,19 @@ def _assert_same(plain, cont):
       np.testing.assert_array_equal(np.where(m, cont[key], 0), np.where(m, plain[key], 0))
 
 
+def _one_device_and_mesh(model, mesh, b, g, n, prompt_seed, length_seed, **kw):
+  """b prompts x g samples of heavy-tailed lengths (at most n tokens, T = 1), on one
+  device (plain batching) and with generate(mesh=mesh, **kw): asserts they agree and
+  returns (one device, mesh)."""
+  ids, mask = _prompts(b, seed=prompt_seed)
+  params = SamplingParams(max_new_tokens=n, temperature=1.0)
+  budget = _heavy_tailed(b * g, n, seed=length_seed)
+  one = _run(model, ids, mask, params, g, max_tokens_per_row=budget)
+  split = _run(model, ids, mask, params, g, max_tokens_per_row=budget, mesh=mesh, **kw)
+  _assert_same(one, split)
+  return one, split
+
+
 @pytest.mark.parametrize("cfg", [DENSE_GQA, MOE_MLA], ids=["dense_gqa", "moe_mla"])
 def test_continuous_equals_plain_greedy(cfg):
   """Fewer slots than rows, rows of very different lengths: token for token the same."""
@@ -129,13 +142,7 @@ def test_data_parallel_rollouts_equal_one_device():
   """generate(mesh=...) splits the prompts over the batch axes: same outputs."""
   devices = np.array(jax.devices()[:8]).reshape(4, 2)
   mesh = jax.sharding.Mesh(devices, ("data", "tensor"))
-  model = Transformer(MOE_MLA, nnx.Rngs(2))
-  ids, mask = _prompts(4, seed=6)
-  params = SamplingParams(max_new_tokens=6, temperature=1.0)
-  budget = _heavy_tailed(4 * 2, 6, seed=7)
-  one = _run(model, ids, mask, params, 2, max_tokens_per_row=budget)
-  split = _run(model, ids, mask, params, 2, max_tokens_per_row=budget, mesh=mesh)
-  _assert_same(one, split)
+  one, split = _one_device_and_mesh(Transformer(MOE_MLA, nnx.Rngs(2)), mesh, 4, 2, 6, 6, 7)
   assert int(split["steps"]) == int(one["steps"])
 
 
@@ -154,13 +161,7 @@ def test_continuous_batching_over_the_mesh_equals_one_device(cfg, monkeypatch):
 
   monkeypatch.setattr(continuous, "_decode", spy_decode)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
-  model = Transformer(cfg, nnx.Rngs(2))
-  ids, mask = _prompts(5, seed=6)
-  params = SamplingParams(max_new_tokens=16, temperature=1.0)
-  budget = _heavy_tailed(5 * 2, 16, seed=7)
-  one = _run(model, ids, mask, params, 2, max_tokens_per_row=budget)
-  split = _run(model, ids, mask, params, 2, max_tokens_per_row=budget, slots=8, mesh=mesh)
-  _assert_same(one, split)
+  one, split = _one_device_and_mesh(Transformer(cfg, nnx.Rngs(2)), mesh, 5, 2, 16, 6, 7, slots=8)
   assert shard_rows and max(shard_rows) == 2, shard_rows  # 2 slots a device (fewer once the tail shrinks)
   # Every device's decode iterations are counted: at least the tokens, at most its slots x its steps.
   assert one["mask"].sum() <= int(split["slot_steps"]) <= 8 * int(split["steps"])
@@ -218,13 +219,8 @@ def test_continuous_batching_over_the_mesh_steals_waiting_samples(monkeypatch):
 
   monkeypatch.setattr(continuous, "_prefill_store", spy_prefill)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
-  model = Transformer(DENSE_GQA, nnx.Rngs(4))
-  ids, mask = _prompts(2, seed=9)
-  params = SamplingParams(max_new_tokens=12, temperature=1.0)
-  budget = _heavy_tailed(2 * 8, 12, seed=3)
-  one = _run(model, ids, mask, params, 8, max_tokens_per_row=budget)
-  split = _run(model, ids, mask, params, 8, max_tokens_per_row=budget, slots=8, mesh=mesh)
-  _assert_same(one, split)
+  one, split = _one_device_and_mesh(Transformer(DENSE_GQA, nnx.Rngs(4)), mesh, 2, 8, 12, 9, 3, slots=8)
+  ids, _ = _prompts(2, seed=9)
   # Which shards prefilled each prompt (a shard's store row 0 holds its current prompt).
   shards_of = {p: {i for w in windows for i in range(4) if (w[i, 0] == ids[p]).all()} for p in range(2)}
   assert max(len(s) for s in shards_of.values()) >= 2, shards_of

@@ -26,6 +26,7 @@ from r1jax.eval import completions_of, evaluate_stage, stop_params
 from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
+from r1jax.sampling import continuous
 from r1jax.sampling.sampler import expert_parallel_specs, generate, prefill, row_axes
 
 
@@ -182,7 +183,7 @@ def rollout_layout(st, rl, n_prompts: int) -> str:
   where = f"{n_prompts} prompts split over {shards} " + (
       "devices" if tensor == 1 else f"batch shards, each tensor-parallel over {tensor} devices")
   if rl.slots:  # continuous.generate_continuous: its own batcher on every shard, experts whole
-    return f"{where}, continuous batching over {-(-rl.slots // shards)} slots on each"
+    return f"{where}, continuous batching over {continuous.slots_per_shard(rl.slots, shards)} slots on each"
   ep = expert_parallel_specs(state, mesh)[1]  # as generate(mesh=...) splits the experts
   return where + (f", routed experts split over expert={ep}" if ep > 1 else "")
 

@@ -205,6 +205,11 @@ def _host(x):
   return parallel.to_host(x)
 
 
+def slots_per_shard(slots: int, shards: int) -> int:
+  """Decode rows each batcher of a mesh keeps: ceil(slots / shards), at least 1."""
+  return max(1, -(-slots // shards))
+
+
 def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size,
                         params, slots: int, shrink: bool = True, mesh=None):
   """`sampler.generate` with continuous batching over `slots` decode rows (see module
@@ -219,7 +224,7 @@ def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, bud
   if mesh is not None:
     w = int(np.prod([mesh.shape[a] for a in sampler_lib.row_axes(mesh)]))
   assert slots >= 1, slots
-  n_rows, cache_len, slots = b * g, tp + n, max(1, -(-slots // w))
+  n_rows, cache_len, slots = b * g, tp + n, slots_per_shard(slots, w)
   # A shard's output buffers hold the samples it ran, in the order it started them; at
   # most twice an even share (it takes no more prompts when full: the others have room).
   cap = n_rows if w == 1 else min(n_rows, 2 * -(-n_rows // w))
@@ -238,6 +243,7 @@ def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, bud
   c = _empty_state(graphdef, state, rng, slots, cache_len, cap, params, mesh)
   live = np.zeros((w, slots), bool)
   store, prompt_experts, slot_steps = None, {}, 0
+  steps = np.zeros((w,), np.int32)  # decode iterations each shard has run (host copy of c["steps"])
 
   def prefill():
     """Every shard prefills the prompts of its store (a shard without new ones, its old ones)."""
@@ -320,11 +326,14 @@ def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, bud
       live = np.take_along_axis(live, keep, axis=1)
       slots = slots // 2
       continue
-    steps_before = _host(c["steps"])
     shrink_at = slots // 2 if can_shrink else -1
     c = _decode(graphdef, state, c, jnp.asarray(waiting), jnp.int32(shrink_at), params, cache_len, mesh)
-    live = np.array(_host(c["live"])).reshape(w, slots)
-    slot_steps += int((_host(c["steps"]) - steps_before).sum()) * slots
+    # One read of both per call (on several hosts each read is a collective); only a
+    # decode changes the step counters.
+    live, new_steps = (np.array(x) for x in _host((c["live"], c["steps"])))
+    live = live.reshape(w, slots)
+    slot_steps += int((new_steps - steps).sum()) * slots
+    steps = new_steps
 
   # Rows never started (budget 0) read a zero row.
   out = _finish(c["out"], c["steps"], jnp.asarray(np.maximum(where_row, 0).astype(np.int32)),
