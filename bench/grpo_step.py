@@ -53,28 +53,31 @@ from bench.train_step import model_config, peak_memory_bytes  # noqa: E402  pyli
 from r1jax import flops, parallel  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax import state as state_lib  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
-from r1jax.rl.trainer import completion_logprobs, make_update, sequence_batch, shared_prefix_group  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.rl.trainer import make_reference_logprobs, make_update, sequence_batch, shared_prefix_group  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import SamplingParams, generate  # noqa: E402  pylint: disable=wrong-import-position
 
-WORKLOADS = {"cpu": dict(prompts=8, group=8, prompt_len=32, new_tokens=128, minibatches=1),
+# microbatches: gradient-accumulation passes per optimizer step (rl.microbatches); on CPU
+# 4 passes of 16 rows run the update ~1.4x faster than one of 64 (bench/NOTES.md, session 10).
+WORKLOADS = {"cpu": dict(prompts=8, group=8, prompt_len=32, new_tokens=128, minibatches=1, microbatches=4),
              # 128 rows x 768 tokens in one update would hold ~200 GiB of logits and
              # attention; 8 minibatches of 16 rows fit an H200 (one optimizer step each).
-             "gpu": dict(prompts=16, group=8, prompt_len=256, new_tokens=512, minibatches=8)}
+             "gpu": dict(prompts=16, group=8, prompt_len=256, new_tokens=512, minibatches=8, microbatches=1)}
 
 
-def rl_config(new_tokens: int, group: int, minibatches: int):
+def rl_config(new_tokens: int, group: int, minibatches: int, microbatches: int = 1):
   rl = grpo.default_rl_config()
-  rl.update(beta=0.04, group_size=group, max_new_tokens=new_tokens, mu=1, minibatches=minibatches)
+  rl.update(beta=0.04, group_size=group, max_new_tokens=new_tokens, mu=1, minibatches=minibatches,
+            microbatches=microbatches)
   return rl
 
 
-def setup(size: str, moe: bool, moe_impl: str | None = None, mesh=None) -> dict:
+def setup(size: str, moe: bool, moe_impl: str | None = None, mesh=None, microbatches: int | None = None) -> dict:
   """The step's pieces: model config, workload, RL config, optimizer, state and a frozen
   reference copy, prompts, sampling params, and the unjitted update / reference
   functions (shared with bench/profile_ops.py)."""
   cfg = model_config(size, moe, moe_impl)
-  w = WORKLOADS[size]
-  rl = rl_config(w["new_tokens"], w["group"], w["minibatches"])
+  w = dict(WORKLOADS[size], **({"microbatches": microbatches} if microbatches else {}))
+  rl = rl_config(w["new_tokens"], w["group"], w["minibatches"], w["microbatches"])
   tx = optax.adamw(1e-6, weight_decay=0.1)
   graphdef, st = state_lib.create_state(state_lib.create_model(cfg, seed=0, mesh=mesh), tx)
   rng = np.random.default_rng(0)
@@ -82,13 +85,10 @@ def setup(size: str, moe: bool, moe_impl: str | None = None, mesh=None) -> dict:
   params = SamplingParams(max_new_tokens=w["new_tokens"], temperature=rl.temperature, eos_ids=(cfg.vocab_size,),
                           cache_segments=rl.cache_segments)  # as the trainer's rollouts
 
-  def ref_logp(p, o, b):
-    return completion_logprobs(graphdef, p, o, b, w["prompt_len"], rl.temperature, rl.routing_replay,
-                               group_size=shared_prefix_group(rl, b["tokens"].shape[0]))
-
   return dict(cfg=cfg, w=w, rl=rl, tx=tx, graphdef=graphdef, st=st, ref=jax.tree.map(jnp.copy, st.params),
               rng=rng, ids=ids, mask=np.ones_like(ids), params=params,
-              update=make_update(graphdef, tx, rl, w["prompt_len"]), ref_logp=ref_logp)
+              update=make_update(graphdef, tx, rl, w["prompt_len"]),
+              ref_logp=make_reference_logprobs(graphdef, rl, w["prompt_len"]))
 
 
 def make_batch(s: dict, out) -> dict:
@@ -101,11 +101,12 @@ def make_batch(s: dict, out) -> dict:
   return batch
 
 
-def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceiling: dict | None = None) -> dict:
+def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceiling: dict | None = None,
+        microbatches: int | None = None) -> dict:
   # More than one device (CPU --devices N): data-parallel on a (data = N) mesh.
   mesh = (parallel.make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1)) if jax.device_count() > 1
           else None)
-  s = setup(size, moe, moe_impl, mesh)
+  s = setup(size, moe, moe_impl, mesh, microbatches)
   cfg, w, rl, graphdef, st, ref, ids, mask, params = (
       s[k] for k in ("cfg", "w", "rl", "graphdef", "st", "ref", "ids", "mask", "params"))
   update = jax.jit(s["update"], donate_argnums=0)
@@ -139,8 +140,9 @@ def run(size: str, moe: bool, moe_impl: str | None = None, iters: int = 3, ceili
   generated = int(np.asarray(out["mask"]).sum())
   ceiling = ceiling or ceilings.measure(dtype=cfg.dtype)
   peak = ceiling["matmul_flops_per_s"]
-  # The FLOPs the step does: with rl.shared_prefix each group's prompt runs once.
-  shared = shared_prefix_group(rl, rows // w["minibatches"]) > 0
+  # The FLOPs the step does: with rl.shared_prefix each group's prompt runs once when each
+  # pass (micro-batch) holds whole groups.
+  shared = shared_prefix_group(rl, rows // (w["minibatches"] * w["microbatches"])) > 0
   ref_flops = flops.grpo_forward_flops(cfg, w["prompts"], w["group"], w["prompt_len"], w["new_tokens"], shared)
   update_flops = 3 * ref_flops
   return dict(size=size, moe=moe, moe_impl=cfg.moe_impl if moe else None, dtype=cfg.dtype, beta=rl.beta, **w,
@@ -160,13 +162,15 @@ def main():
   parser.add_argument("--moe_impl", default=None)
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--devices", type=int, default=1, help="CPU: simulated devices, run data-parallel")
+  parser.add_argument("--microbatches", type=int, default=None,
+                      help="gradient-accumulation passes per optimizer step (default: the workload's)")
   args = parser.parse_args()
-  r = run(args.size, args.moe, args.moe_impl, args.iters)
+  r = run(args.size, args.moe, args.moe_impl, args.iters, microbatches=args.microbatches)
   s = r["seconds"]
   mem = r["peak_memory_bytes"]
   print(f"grpo step {'moe/' + r['moe_impl'] if r['moe'] else 'dense'} {r['dtype']} {r['devices']} device(s) "
         f"{r['prompts']}x{r['group']} "
-        f"rows, {r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
+        f"rows in {r['microbatches']} micro-batch(es), {r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
         f"reference {s['reference']:.3f} + update {s['update']:.3f}; {r['tokens_per_s']:,.0f} tok/s; "
         f"update MFU {100 * r['update_mfu']:.1f}%, reference MFU {100 * r['reference_mfu']:.1f}%; "
         f"peak {mem / 2**30 if mem else float('nan'):.2f} GiB")

@@ -12,7 +12,9 @@ workload r1jax's bench uses:
   * GRPO beta 0.04 with a reference model (a second Qwen3 built from the same seed, so
     the same initial weights in separate buffers), mu (num_iterations) = 1, epsilon 0.2,
     optax.adamw(1e-6), one optimizer step per training step over all 64 rows
-    (mini_batch_size = train_micro_batch_size = the full 8-prompt batch);
+    (mini_batch_size = the full 8-prompt batch), its gradient accumulated over
+    --microbatches passes (train_micro_batch_size = prompts / microbatches; r1jax's
+    bench passes the same number as its rl.microbatches);
   * reward: a cheap random reward (the model is random; only time is measured).
 One step = rollout + reference log-probs + rewards/advantages + the actor update, as
 tunix's train loop runs them. Step 1 (compilation) is the warm-up; then --iters steps.
@@ -52,7 +54,11 @@ from peer_tunix import VOCAB, IdTokenizer, add_workload_args, qwen3_config  # be
 def main():
   ap = argparse.ArgumentParser()
   add_workload_args(ap)
+  ap.add_argument("--microbatches", type=int, default=1,
+                  help="gradient-accumulation passes per step (train_micro_batch_size = prompts / this)")
   args = ap.parse_args()
+  if args.prompts % args.microbatches:
+    ap.error(f"--microbatches {args.microbatches} must divide --prompts {args.prompts}")
 
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
@@ -80,7 +86,9 @@ def main():
       actor_optimizer=optax.adamw(1e-6),
       eval_every_n_steps=10**9,
       max_steps=10**9,  # the prompt iterator ends training (see the docstring)
-      mini_batch_size=args.prompts, train_micro_batch_size=args.prompts,
+      mini_batch_size=args.prompts, train_micro_batch_size=args.prompts // args.microbatches,
+      # Rollout and log-probs stay whole (they would default to the training micro-batch).
+      rollout_micro_batch_size=args.prompts, compute_logps_micro_batch_size=args.prompts,
       checkpoint_root_directory=None, metrics_logging_options=None)  # no ckpt, no logs
   cluster_cfg = rl_cluster_lib.ClusterConfig(
       role_to_mesh={roles.ACTOR: mesh, roles.REFERENCE: mesh, roles.ROLLOUT: mesh},
@@ -151,7 +159,7 @@ def main():
         + " ".join(f"{k} {v:.2f}s" for k, v in phase_med.items()))
   print(json.dumps(dict(peer="google-tunix 0.1.7 GrpoLearner", moe=args.moe, step_seconds=times,
                         median_step_s=med, peak_rss_bytes=rss, compile_s=compile_s,
-                        phase_median_s=phase_med, rows=rows, new_tokens=args.new_tokens,
+                        phase_median_s=phase_med, rows=rows, new_tokens=args.new_tokens, microbatches=args.microbatches,
                         jax=jax.__version__)))
 
 

@@ -44,8 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Pipeline stages' own overrides: per_stage.<stage> = "key=value,key=value".
   c.per_stage = ml_collections.ConfigDict(dict(
       pretrain="train.steps=1500",
+      # rl.microbatches=4: the update's gradient summed over 4 passes of 64 rows, 1.5x
+      # faster on CPU than one pass of 256 (bench/NOTES.md, session 10).
       grpo=("train.steps=400,train.log_every=10,optim.lr=5e-4,optim.warmup_steps=10,"
-            "train.checkpoint_every=100"),
+            "train.checkpoint_every=100,rl.microbatches=4"),
       sft="", rejection_sampling="",
                                                reward_model=""))
 
@@ -252,6 +254,11 @@ def validate(config, n_devices: int | None = None) -> None:
 
   problems += grpo.validate_rl(config.rl)
   problems += _handover_problems(config)
+  rows, parts = config.train.batch_size * config.rl.group_size, config.rl.minibatches * config.rl.microbatches
+  if config.stage in ("grpo", "pipeline") and parts >= 1 and rows % parts:
+    problems.append(f"train.batch_size x rl.group_size = {rows} rollout rows do not split into rl.minibatches="
+                    f"{config.rl.minibatches} x rl.microbatches={config.rl.microbatches} equal parts: "
+                    f"choose values whose product divides {rows}")
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")

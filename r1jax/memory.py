@@ -23,7 +23,9 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   The step phases below run one at a time; the peak is the largest phase plus the above.
   update       the jitted train step on r rows per device: r = ceil(rows / W), W =
                data * fsdp * expert, rows = batch_size (pretrain / sft) or batch_size * G /
-               rl.minibatches (grpo). Activations kept for the backward pass, by model.remat:
+               (rl.minibatches * rl.microbatches) (grpo; with rl.microbatches > 1 one more
+               fp32 gradient, the accumulator, is alive). Activations kept for the backward
+               pass, by model.remat:
                  none: every tensor the backward pass reads, for all L layers, per token
                  and layer: the residual stream and norms (4 D c), attention projections
                  (MLA: q latents, q, roped q, kv latents, per-head k and v, out; GQA: q, k,
@@ -57,7 +59,7 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
                Continuous batching (rl.slots = S) holds ceil(S / W) rows a device (S
                when the rows do not split) plus a store of prefilled prompts, and every
                device holds every routed expert.
-  reference forward (grpo, beta > 0) all B G rows in one call: one layer's attention
+  reference forward (grpo, beta > 0) in passes of the update's r rows: one layer's attention
                (q queries at a time), logits (2 n positions with logits_chunk), and the
                whole batch (tokens, masks, expert record) on device.
 Not counted: XLA's temporary buffers beyond the working sets above, fragmentation, the
@@ -221,7 +223,9 @@ def estimate(config, mesh_shape, params=None) -> dict:
   persistent = 3 * p + reference  # parameters, moments, reference; gradients: update phase
 
   gathered = gathered_weight_bytes(params, mesh_shape)
-  update_rows = t.batch_size * (rl.group_size // max(rl.minibatches, 1) if grpo else 1)
+  passes = max(rl.minibatches, 1) * max(rl.microbatches, 1) if grpo else 1
+  update_rows = t.batch_size * (rl.group_size if grpo else 1) // passes
+  accumulator = p if grpo and rl.microbatches > 1 else 0.0
   r = math.ceil(update_rows / ways)
   layer_bytes = [_per_token_layer_bytes(cfg, tensor, cfg.layer_is_moe(i), c) for i in range(cfg.n_layers)]
   layer_bytes += [_per_token_layer_bytes(cfg, tensor, cfg.is_moe, c)] * cfg.mtp_depth
@@ -241,11 +245,13 @@ def estimate(config, mesh_shape, params=None) -> dict:
   if cfg.logits_chunk:  # one block's logits, log-softmax and gradient
     logit_positions = min(logit_positions, 3 * cfg.logits_chunk)
   logits = r * logit_positions * vocab * 4
-  phases = {"update": p + activations + attention + logits + gathered}
+  phases = {"update": p + accumulator + activations + attention + logits + gathered}
   remat = "no remat" if cfg.remat == "none" else f"remat {cfg.remat}"
   rows[f"update: activations ({remat})"] = activations
   rows["update: attention scores (" + ("dense" if q_rows == seq else f"blocks of {q_rows}") + ")"] = attention
   rows["update: logits (fp32, " + (f"blocks of {cfg.logits_chunk})" if cfg.logits_chunk else "unchunked)")] = logits
+  if accumulator:
+    rows[f"update: gradient accumulator ({rl.microbatches} micro-batches, fp32)"] = accumulator
   if gathered:
     rows["fsdp-gathered weights"] = gathered
   notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
@@ -286,8 +292,9 @@ def estimate(config, mesh_shape, params=None) -> dict:
       ref_positions = seq + 2 * rl.max_new_tokens
       if cfg.logits_chunk:
         ref_positions = min(ref_positions, 2 * cfg.logits_chunk)
-      ref_fwd = r_all * (scores * (8 + c) + ref_positions * vocab * 4)
-      rows["reference forward (all rows)"] = ref_fwd
+      # In passes of the update's rows (trainer.make_reference_logprobs).
+      ref_fwd = r * (scores * (8 + c) + ref_positions * vocab * 4)
+      rows["reference forward" + (f" ({passes} passes of {r} row(s))" if passes > 1 else " (all rows)")] = ref_fwd
       phases["reference forward"] = ref_fwd + batch + gathered
   peak_phase = max(phases, key=phases.get)
   return dict(rows=rows, persistent=persistent, phases=phases, peak_phase=peak_phase,

@@ -291,6 +291,7 @@ def test_denominator_splits_into_microbatches(aggregation):
   full, _ = grpo.policy_loss(logp, old, adv, mask, aggregation=aggregation)
   denominator = {"sequence_mean": (mask.sum(1) > 0).sum(), "token_mean": mask.sum(),
                  "constant": 8 * mask.shape[1]}[aggregation]
+  assert float(grpo.loss_denominator(mask, aggregation)) == float(denominator)
   parts = [grpo.policy_loss(logp[s], old[s], adv[s], mask[s], aggregation=aggregation,
                             denominator=denominator)[0] for s in (slice(0, 3), slice(3, 8))]
   np.testing.assert_allclose(sum(parts), full, rtol=1e-5)
@@ -326,7 +327,7 @@ def test_overlong_penalty_follows_dapo_eq13():
 
 RL_KEYS = {"group_size", "temperature", "top_k", "top_p", "max_new_tokens", "beta", "kl_kind",
            "eps_low", "eps_high", "dual_clip", "ratio_level", "aggregation", "adv_mode", "mu",
-           "minibatches", "ref_refresh_every", "routing_replay", "dynamic_sampling", "oversample",
+           "minibatches", "microbatches", "ref_refresh_every", "routing_replay", "dynamic_sampling", "oversample",
            "overlong_buffer", "overlong_penalty", "reward_weights", "preset", "reward_timeout",
            "reward_workers", "slots", "cache_segments", "shared_prefix"}
 

@@ -69,7 +69,8 @@ def test_grpo_update_on_mesh_matches_one_device(mesh_shape):
 
 def test_grpo_stage_runs_every_option_together(tmp_path):
   """DAPO dynamic sampling + overlong shaping, KL to a refreshed reference, mu=2 passes
-  over 2 minibatches, MoE with routing replay, continuous-batching rollouts over 8 slots:
+  over 2 minibatches of 2 accumulated micro-batches, MoE with routing replay, continuous-
+  batching rollouts over 8 slots:
   a 2-step stage runs and logs sane values."""
   import json
   from r1jax.rl import trainer as trainer_lib
@@ -78,7 +79,7 @@ def test_grpo_stage_runs_every_option_together(tmp_path):
       "train.seq_len=40", "data.n_train=64", "data.n_test=8", "eval.n=8", "rl.group_size=4",
       "rl.max_new_tokens=24", "rl.dynamic_sampling=true", "rl.oversample=2.0", "rl.overlong_buffer=8",
       "rl.beta=0.01", "rl.ref_refresh_every=1", "rl.mu=2", "rl.minibatches=2",
-      "model.n_experts=4", "model.top_k=2", "model.moe_d_ff=32", "rl.slots=8"])
+      "rl.microbatches=2", "model.n_experts=4", "model.top_k=2", "model.moe_d_ff=32", "rl.slots=8"])
   config_lib.validate(config)
   summary = trainer_lib.run(config, str(tmp_path))
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

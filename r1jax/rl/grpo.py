@@ -149,7 +149,7 @@ def policy_loss(
     raise ValueError(f"aggregation {aggregation!r}: choose one of {AGGREGATIONS}")
   if beta > 0 and ref_logp_bt is None:
     raise ValueError("beta > 0 needs ref_logp_bt (the reference policy's log-probs)")
-  n_seqs, length = logp_bt.shape
+  n_seqs = logp_bt.shape[0]
   valid_bt = jnp.asarray(mask_bt) > 0
   adv_b = jnp.reshape(adv_b, (-1,)).astype(jnp.float32)
   if adv_b.shape[0] != n_seqs:
@@ -186,15 +186,13 @@ def policy_loss(
     kl_bt = jnp.where(valid_bt, kl_penalty(logp_bt, clean(ref_logp_bt), kl_kind), 0.0)
   loss_bt = pg_bt + beta * kl_bt if beta > 0 else pg_bt
 
+  if denominator is None:
+    denominator = loss_denominator(valid_bt, aggregation, max_len)
+
   def aggregate(x_bt):
     if aggregation == "sequence_mean":
-      total = (x_bt.sum(axis=1) / jnp.maximum(n_valid_b, 1)).sum()
-      default = jnp.maximum((n_valid_b > 0).sum(), 1)
-    elif aggregation == "token_mean":
-      total, default = x_bt.sum(), jnp.maximum(n_valid_b.sum(), 1)
-    else:
-      total, default = x_bt.sum(), n_seqs * (length if max_len is None else max_len)
-    return total / (default if denominator is None else denominator)
+      return (x_bt.sum(axis=1) / jnp.maximum(n_valid_b, 1)).sum() / denominator
+    return x_bt.sum() / denominator
 
   loss = aggregate(loss_bt)
   metrics = _metrics(jax.lax.stop_gradient(ratio_bt), adv_bt, valid_bt, eps_low, eps_high,
@@ -204,6 +202,21 @@ def policy_loss(
     metrics["kl"] = _token_mean(jax.lax.stop_gradient(kl_bt), valid_bt)
   metrics["loss"] = jax.lax.stop_gradient(loss)
   return loss, metrics
+
+
+def loss_denominator(mask_bt, aggregation: str, max_len: int | None = None) -> jax.Array:
+  """What policy_loss divides the summed per-token (or per-sequence) losses by, over the
+  batch `mask_bt` [B, T] covers: the non-empty sequences (sequence_mean), the valid
+  tokens (token_mean) or B * max_len (constant; T when max_len is None). Computed once
+  over a whole minibatch and passed as `denominator` to each micro-batch's loss, the
+  micro-batch losses (and gradients) sum to the minibatch's."""
+  valid_bt = jnp.asarray(mask_bt) > 0
+  n_valid_b = valid_bt.sum(axis=1)
+  if aggregation == "sequence_mean":
+    return jnp.maximum((n_valid_b > 0).sum(), 1)
+  if aggregation == "token_mean":
+    return jnp.maximum(n_valid_b.sum(), 1)
+  return jnp.asarray(valid_bt.shape[0] * (valid_bt.shape[1] if max_len is None else max_len))
 
 
 def _token_mean(x_bt, valid_bt):
@@ -307,6 +320,9 @@ def default_rl_config():
       # Schedule.
       mu=1,                      # inner iterations over one rollout batch
       minibatches=1,             # optimizer steps per inner iteration
+      microbatches=1,            # forward + backward passes a minibatch's gradient is summed
+                                 # over (gradient accumulation): activations / microbatches;
+                                 # on CPU, 8-16-row micro-batches also run ~1.4x faster
       ref_refresh_every=0,       # copy the policy into the reference every N steps
       routing_replay=True,       # MoE: replay the rollout's expert choices in the update
       shared_prefix=True,        # reference and update forwards run each group's prompt once
@@ -392,7 +408,7 @@ def validate_rl(rl) -> list[str]:
   if rl.slots < 0:
     problems.append(f"rl.slots={rl.slots} must be >= 0 (0: plain batching; N: continuous "
                     f"batching over N decode rows)")
-  for key in ("group_size", "max_new_tokens", "mu", "minibatches"):
+  for key in ("group_size", "max_new_tokens", "mu", "minibatches", "microbatches"):
     if rl[key] < 1:
       problems.append(f"rl.{key}={rl[key]} must be at least 1")
   if rl.group_size < 2:

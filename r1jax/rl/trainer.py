@@ -110,30 +110,100 @@ def shared_prefix_group(rl, rows: int) -> int:
   return rl.group_size if rl.shared_prefix and rows % rl.group_size == 0 else 0
 
 
-def make_update(graphdef, tx, rl, prompt_len: int):
-  """(state, batch) -> (state, metrics): mu passes x minibatches optimizer steps."""
-  n_mb = rl.minibatches
+def split_rows(tree, parts: int, group_size: int):
+  """Leaves [R, ...] -> [parts, R / parts, ...], whole groups of G rows in each part when
+  R / parts divides by G (else single rows). Part j takes groups j, parts + j,
+  2 parts + j, ...: interleaved, not contiguous, so that when the rows are split over
+  the mesh's batch axes (contiguously, parallel.put_global_batch) every part still
+  spreads over every device and a scan over the parts keeps all devices busy."""
+  def split(x):
+    r = x.shape[0]
+    unit = group_size if (r // parts) % group_size == 0 else 1
+    x = x.reshape((r // (parts * unit), parts, unit) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((parts, r // parts) + x.shape[3:])
+  return jax.tree.map(split, tree)
 
-  def loss_fn(params, other, mb):
-    logp, entropy = completion_logprobs(graphdef, params, other, mb, prompt_len, rl.temperature,
-                                        rl.routing_replay, with_entropy=True,
-                                        group_size=shared_prefix_group(rl, mb["tokens"].shape[0]))
-    loss, metrics = grpo.policy_loss(
+
+def merge_rows(x, group_size: int):
+  """The inverse of split_rows for one leaf: [parts, R / parts, ...] -> [R, ...]."""
+  parts, rows = x.shape[:2]
+  unit = group_size if rows % group_size == 0 else 1
+  x = x.reshape((parts, rows // unit, unit) + x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape((parts * rows,) + x.shape[3:])
+
+
+def make_reference_logprobs(graphdef, rl, prompt_len: int):
+  """(params, other, batch) -> log pi [R, N] of the batch's completion tokens (the
+  reference policy's when given its params), in rl.minibatches x rl.microbatches passes
+  of the update's micro-batch rows (lax.map): the reference forward then never holds
+  more rows than the update does, and on CPU it runs ~1.4x faster than one pass over
+  all rows (bench/NOTES.md, session 10)."""
+  parts, g = rl.minibatches * rl.microbatches, rl.group_size
+
+  def one_pass(params, other, batch):
+    return completion_logprobs(graphdef, params, other, batch, prompt_len, rl.temperature, rl.routing_replay,
+                               group_size=shared_prefix_group(rl, batch["tokens"].shape[0]))
+
+  def reference_logprobs(params, other, batch):
+    if parts == 1:
+      return one_pass(params, other, batch)
+    return merge_rows(jax.lax.map(lambda b: one_pass(params, other, b), split_rows(batch, parts, g)), g)
+
+  return reference_logprobs
+
+
+def make_update(graphdef, tx, rl, prompt_len: int):
+  """(state, batch) -> (state, metrics): mu passes x minibatches optimizer steps, each
+  minibatch's gradient summed over rl.microbatches forward + backward passes.
+
+  Gradient accumulation: a micro-batch's loss divides by the whole minibatch's
+  normaliser (grpo.loss_denominator), so the micro-batch gradients sum to the
+  minibatch's, and the logged loss and metrics are computed once over the minibatch's
+  log-probs: the same values as one pass, up to float summation order
+  (tests/test_grpo_step.py). Only one micro-batch's activations are live at a time; on
+  CPU, micro-batches that fit the cache also run faster (bench/NOTES.md, session 10).
+  """
+  n_mb, n_micro, g = rl.minibatches, rl.microbatches, rl.group_size
+
+  def logprobs(params, other, mb):
+    return completion_logprobs(graphdef, params, other, mb, prompt_len, rl.temperature, rl.routing_replay,
+                               with_entropy=True, group_size=shared_prefix_group(rl, mb["tokens"].shape[0]))
+
+  def loss(logp, mb, denominator=None):
+    return grpo.policy_loss(
         logp, mb["old_logp"], mb["adv"], mb["completion_mask"], eps_low=rl.eps_low,
         eps_high=rl.eps_high, dual_clip_c=rl.dual_clip or None, ratio_level=rl.ratio_level,
         ref_logp_bt=mb.get("ref_logp"), beta=rl.beta, kl_kind=rl.kl_kind,
-        aggregation=rl.aggregation, max_len=rl.max_new_tokens)
-    valid = mb["completion_mask"] > 0
-    metrics["entropy"] = jnp.where(valid, entropy, 0).sum() / jnp.maximum(valid.sum(), 1)
-    return loss, metrics
+        aggregation=rl.aggregation, max_len=rl.max_new_tokens, denominator=denominator)
+
+  def grads_and_logprobs(params, other, mb, denominator=None):
+    def loss_fn(p):
+      logp, entropy = logprobs(p, other, mb)
+      return loss(logp, mb, denominator)[0], (logp, entropy)
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, aux
 
   def one_minibatch(state, mb):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.other, mb)
-    state, opt_metrics = state_lib.apply_gradients(state, grads, tx, loss)
+    if n_micro == 1:
+      grads, (logp, entropy) = grads_and_logprobs(state.params, state.other, mb)
+    else:
+      denominator = grpo.loss_denominator(mb["completion_mask"], rl.aggregation, rl.max_new_tokens)
+
+      def accumulate(acc, micro):
+        grads, aux = grads_and_logprobs(state.params, state.other, micro, denominator)
+        return jax.tree.map(jnp.add, acc, grads), aux
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, (logp, entropy) = jax.lax.scan(accumulate, zeros, split_rows(mb, n_micro, g))
+      logp, entropy = merge_rows(logp, g), merge_rows(entropy, g)
+    value, metrics = loss(jax.lax.stop_gradient(logp), mb)
+    valid = mb["completion_mask"] > 0
+    metrics["entropy"] = jnp.where(valid, entropy, 0).sum() / jnp.maximum(valid.sum(), 1)
+    state, opt_metrics = state_lib.apply_gradients(state, grads, tx, value)
     return state, dict(metrics, **opt_metrics)
 
   def update(state, batch):
-    split = jax.tree.map(lambda x: x.reshape((n_mb, x.shape[0] // n_mb) + x.shape[1:]), batch)
+    split = split_rows(batch, n_mb, g)
     metrics = None
     for _ in range(rl.mu):
       state, metrics = jax.lax.scan(one_minibatch, state, split)
@@ -248,9 +318,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   shardings = session.state_shardings(st.state)
   update = jax.jit(make_update(st.graphdef, tx, rl, prompt_len),
                    in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-  ref_logp_fn = jax.jit(lambda p, o, b: completion_logprobs(
-      st.graphdef, p, o, b, prompt_len, rl.temperature, rl.routing_replay,
-      group_size=shared_prefix_group(rl, b["tokens"].shape[0])))
+  ref_logp_fn = jax.jit(make_reference_logprobs(st.graphdef, rl, prompt_len))
   log = MetricsLog(workdir, steps, "grpo")
   key = jax.random.key(config.seed)
   for step in range(st.start_step, steps):

@@ -1,0 +1,123 @@
+"""Gradient accumulation in the GRPO update (rl.microbatches): the micro-batch gradients
+sum to the one-pass gradient under every loss aggregation, the logged metrics are the
+one-pass metrics, the reference forward in passes equals one pass, and the row split
+keeps groups whole and every part spread over a row-sharded batch."""
+
+import jax
+import numpy as np
+import pytest
+
+from r1jax import config as config_lib
+from r1jax import memory, optim, parallel
+from r1jax import state as state_lib
+from r1jax.model.config import ModelConfig
+from r1jax.rl import grpo, trainer
+from r1jax.sampling.sampler import SamplingParams, generate
+
+CFG = ModelConfig(n_experts=4, top_k=2, n_shared_experts=1, first_k_dense=0, moe_d_ff=32)
+B, G, N = 4, 4, 6
+METRICS = ("loss", "pg_loss", "kl", "ratio_mean", "ratio_max", "ratio_min", "clip_frac", "old_kl",
+           "n_tokens", "entropy", "grad_norm")
+
+
+def _rl(**overrides):
+  rl = grpo.default_rl_config()
+  rl.update(group_size=G, max_new_tokens=N, beta=0.05, eps_low=0.1, eps_high=0.1, **overrides)
+  return rl
+
+
+def _batch(model):
+  """A rollout with early stops, old log-probs off-policy (so ratios clip) and advantages."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(4, 60, (B, 5)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, :2] = 0
+  out = jax.device_get(generate(model, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(0),
+                                group_size=G, params=SamplingParams(max_new_tokens=N)))
+  batch = trainer.sequence_batch(ids, mask, out, G)
+  batch["completion_mask"] = np.array(batch["completion_mask"])
+  batch["completion_mask"][1, 3:] = 0  # a sample that stopped early
+  batch["completion_mask"][5, :] = 0   # and one with no trained token
+  batch["old_logp"] = batch["old_logp"] + rng.normal(0, 0.2, batch["old_logp"].shape).astype(np.float32)
+  batch["adv"] = np.asarray(grpo.group_advantages(rng.normal(size=(B, G)))).reshape(-1).astype(np.float32)
+  return batch, ids.shape[1]
+
+
+def _step(rl, mesh_shape=None):
+  """(metrics, new params, reference log-probs) of one update with `rl`."""
+  tx = optim.make_optimizer(config_lib.default_config().optim, 10)
+  mesh = None if mesh_shape is None else parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
+  model = state_lib.create_model(CFG, seed=0, mesh=mesh)
+  batch, tp = _batch(model)
+  graphdef, st = state_lib.create_state(model, tx)
+  ref_params = jax.tree.map(lambda p: p * 1.01, st.params)  # a reference that differs (kl > 0)
+  if mesh is not None:
+    batch = parallel.put_global_batch(mesh, batch)
+  batch["ref_logp"] = jax.jit(trainer.make_reference_logprobs(graphdef, rl, tp))(ref_params, st.other, batch)
+  new_state, metrics = jax.jit(trainer.make_update(graphdef, tx, rl, tp))(st, batch)
+  return jax.device_get(metrics), jax.device_get(new_state.params), np.asarray(batch["ref_logp"])
+
+
+def _assert_same_step(got, want):
+  (m, params, ref), (m0, params0, ref0) = got, want
+  np.testing.assert_allclose(ref, ref0, rtol=1e-5, atol=1e-6)
+  for name in METRICS:
+    np.testing.assert_allclose(m[name], m0[name], rtol=2e-5, atol=1e-7, err_msg=name)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+def test_microbatches_sum_to_the_one_pass_update(aggregation):
+  # 16 rows in 2 micro-batches of 2 whole groups each (the prompt runs once per group).
+  one = _step(_rl(aggregation=aggregation))
+  assert one[0]["clip_frac"] > 0 and one[0]["kl"] > 0  # the comparison exercises clipping and the KL
+  _assert_same_step(_step(_rl(aggregation=aggregation, microbatches=2)), one)
+
+
+def test_microbatches_smaller_than_a_group_and_with_minibatches():
+  # 2 minibatches (2 optimizer steps) of 8 rows, each summed over 4 micro-batches of 2 rows:
+  # groups split across micro-batches, so every row runs whole.
+  want = _step(_rl(aggregation="token_mean", minibatches=2))
+  _assert_same_step(_step(_rl(aggregation="token_mean", minibatches=2, microbatches=4)), want)
+
+
+def test_microbatches_on_a_mesh_match_one_device():
+  want = _step(_rl(microbatches=2))
+  _assert_same_step(_step(_rl(microbatches=2), mesh_shape=(2, 1, 4, 1)), want)
+
+
+def test_split_rows_interleaves_whole_groups():
+  x = np.arange(16)
+  parts = np.asarray(trainer.split_rows(x, 2, 4))
+  # Groups 0 and 2 in part 0, 1 and 3 in part 1: on 2 devices holding rows 0-7 and 8-15,
+  # each part has a group on each device.
+  np.testing.assert_array_equal(parts, [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]])
+  np.testing.assert_array_equal(trainer.merge_rows(parts, 4), x)
+  rows = np.asarray(trainer.split_rows(x, 8, 4))  # 2 rows a part: single rows, interleaved
+  np.testing.assert_array_equal(rows[0], [0, 8])
+  np.testing.assert_array_equal(trainer.merge_rows(rows, 4), x)
+
+
+def test_config_rejects_rows_that_do_not_split():
+  c = config_lib.default_config()
+  c.stage, c.train.batch_size, c.rl.group_size, c.rl.minibatches, c.rl.microbatches = "grpo", 5, 4, 2, 4
+  with pytest.raises(config_lib.ConfigError, match=r"20 rollout rows do not split into rl.minibatches=2 x "
+                                                   r"rl.microbatches=4"):
+    config_lib.validate(c)
+  c.rl.microbatches = 0
+  with pytest.raises(config_lib.ConfigError, match=r"rl.microbatches=0 must be at least 1"):
+    config_lib.validate(c)
+
+
+def test_memory_plan_counts_micro_batch_rows_and_the_accumulator():
+  c = config_lib.default_config()
+  c.stage, c.train.batch_size, c.rl.group_size = "grpo", 8, 8
+  whole = memory.estimate(c, (1, 1, 1, 1))
+  c.rl.microbatches = 4
+  split = memory.estimate(c, (1, 1, 1, 1))
+  assert any("update: 16 row(s)" in n for n in split["notes"]), split["notes"]
+  assert any("update: 64 row(s)" in n for n in whole["notes"]), whole["notes"]
+  acc = [v for k, v in split["rows"].items() if k.startswith("update: gradient accumulator")]
+  assert acc == [split["rows"]["gradients (fp32)"]]
+  assert split["phases"]["update"] < whole["phases"]["update"]
