@@ -169,8 +169,8 @@ def main():
   s = r["seconds"]
   mem = r["peak_memory_bytes"]
   print(f"grpo step {'moe/' + r['moe_impl'] if r['moe'] else 'dense'} {r['dtype']} {r['devices']} device(s) "
-        f"{r['prompts']}x{r['group']} "
-        f"rows in {r['microbatches']} micro-batch(es), {r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
+        f"{r['prompts']}x{r['group']} rows in {r['microbatches']} micro-batch(es), "
+        f"{r['prompt_len']}+{r['new_tokens']} tokens: {s['total']:.3f} s = rollout {s['rollout']:.3f} + "
         f"reference {s['reference']:.3f} + update {s['update']:.3f}; {r['tokens_per_s']:,.0f} tok/s; "
         f"update MFU {100 * r['update_mfu']:.1f}%, reference MFU {100 * r['reference_mfu']:.1f}%; "
         f"peak {mem / 2**30 if mem else float('nan'):.2f} GiB")
