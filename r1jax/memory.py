@@ -255,6 +255,10 @@ def estimate(config, mesh_shape, params=None) -> dict:
   if gathered:
     rows["fsdp-gathered weights"] = gathered
   notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
+  if grpo and passes > 1 and update_rows % rl.group_size == 0 and update_rows // rl.group_size < ways:
+    # trainer.split_rows hands each pass whole groups, which sit on the devices holding them.
+    notes.append(f"update: a pass holds {update_rows // rl.group_size} whole group(s) for {ways} batch shards, "
+                 f"so some devices idle in every pass; fewer rl.minibatches x rl.microbatches keeps them busy")
 
   if grpo:
     sampled = math.ceil(rl.oversample * t.batch_size) if rl.dynamic_sampling else t.batch_size

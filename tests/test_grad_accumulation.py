@@ -121,3 +121,11 @@ def test_memory_plan_counts_micro_batch_rows_and_the_accumulator():
   acc = [v for k, v in split["rows"].items() if k.startswith("update: gradient accumulator")]
   assert acc == [split["rows"]["gradients (fp32)"]]
   assert split["phases"]["update"] < whole["phases"]["update"]
+
+
+def test_memory_plan_warns_when_a_pass_has_fewer_groups_than_shards():
+  c = config_lib.default_config()
+  c.stage, c.train.batch_size, c.rl.group_size, c.rl.microbatches = "grpo", 8, 8, 8
+  assert any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])
+  c.rl.microbatches = 4
+  assert not any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])

@@ -322,7 +322,9 @@ def default_rl_config():
       minibatches=1,             # optimizer steps per inner iteration
       microbatches=1,            # forward + backward passes a minibatch's gradient is summed
                                  # over (gradient accumulation): activations / microbatches;
-                                 # on CPU, 8-16-row micro-batches also run ~1.4x faster
+                                 # on CPU, 8-16-row micro-batches also run ~1.4x faster.
+                                 # A pass holds whole groups: keep it >= one group per
+                                 # batch shard, or devices idle (the --dry_run plan says)
       ref_refresh_every=0,       # copy the policy into the reference every N steps
       routing_replay=True,       # MoE: replay the rollout's expert choices in the update
       shared_prefix=True,        # reference and update forwards run each group's prompt once
