@@ -254,11 +254,8 @@ def validate(config, n_devices: int | None = None) -> None:
 
   problems += grpo.validate_rl(config.rl)
   problems += _handover_problems(config)
-  rows, parts = config.train.batch_size * config.rl.group_size, config.rl.minibatches * config.rl.microbatches
-  if config.stage in ("grpo", "pipeline") and parts >= 1 and rows % parts:
-    problems.append(f"train.batch_size x rl.group_size = {rows} rollout rows do not split into rl.minibatches="
-                    f"{config.rl.minibatches} x rl.microbatches={config.rl.microbatches} equal parts: "
-                    f"choose values whose product divides {rows}")
+  if config.stage in ("grpo", "pipeline"):
+    problems += grpo_row_split_problems(config)
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")
@@ -272,6 +269,17 @@ def validate(config, n_devices: int | None = None) -> None:
     problems.append(f"optim.schedule={config.optim.schedule!r}: choose cosine, constant or linear")
   if problems:
     raise ConfigError(_join(problems))
+
+
+def grpo_row_split_problems(config) -> list[str]:
+  """The GRPO update splits its B x G rows into rl.minibatches x rl.microbatches equal
+  passes; also checked when a pipeline's grpo stage starts (per_stage overrides)."""
+  rows, parts = config.train.batch_size * config.rl.group_size, config.rl.minibatches * config.rl.microbatches
+  if parts < 1 or rows % parts == 0:
+    return []
+  return [f"train.batch_size x rl.group_size = {rows} rollout rows do not split into rl.minibatches="
+          f"{config.rl.minibatches} x rl.microbatches={config.rl.microbatches} equal parts: "
+          f"choose values whose product divides {rows}"]
 
 
 def _handover_problems(config) -> list[str]:

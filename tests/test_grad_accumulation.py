@@ -129,3 +129,12 @@ def test_memory_plan_warns_when_a_pass_has_fewer_groups_than_shards():
   assert any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])
   c.rl.microbatches = 4
   assert not any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])
+
+
+def test_grpo_stage_refuses_a_row_split_its_own_overrides_break(tmp_path):
+  # A pipeline's per_stage overrides reach the stage after validate(): the stage checks again.
+  c = config_lib.default_config()
+  c.stage, c.train.batch_size, c.rl.group_size, c.rl.microbatches = "grpo", 5, 4, 8
+  with pytest.raises(config_lib.ConfigError, match=r"\[grpo\] .*20 rollout rows do not split"):
+    trainer.run(c, str(tmp_path))
+  assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import checkpoint, optim, parallel, session
+from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import templates
 from r1jax.eval import completions_of, evaluate_stage, stop_params
@@ -160,7 +161,7 @@ def make_update(graphdef, tx, rl, prompt_len: int):
   normaliser (grpo.loss_denominator), so the micro-batch gradients sum to the
   minibatch's, and the logged loss and metrics are computed once over the minibatch's
   log-probs: the same values as one pass, up to float summation order
-  (tests/test_grpo_step.py). Only one micro-batch's activations are live at a time; on
+  (tests/test_grad_accumulation.py). Only one micro-batch's activations are live at a time; on
   CPU, micro-batches that fit the cache also run faster (bench/NOTES.md, session 10).
   """
   n_mb, n_micro, g = rl.minibatches, rl.microbatches, rl.group_size
@@ -286,6 +287,9 @@ def score_groups(weights, fns, examples, texts, group_size: int):
 
 def run(config, workdir: str, init_from: str | None = None) -> dict:
   """Runs GRPO for config.train.steps steps; resumable; returns the stage summary."""
+  problems = config_lib.grpo_row_split_problems(config)  # a pipeline stage's own overrides
+  if problems:
+    raise config_lib.ConfigError(f"[grpo] {problems[0]}")
   rl, steps = config.rl, config.train.steps
   prompt_len = config.train.seq_len - rl.max_new_tokens
   rewards.configure(timeout_s=rl.reward_timeout, n_workers=rl.reward_workers)
