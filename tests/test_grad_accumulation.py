@@ -10,12 +10,9 @@ import pytest
 from r1jax import config as config_lib
 from r1jax import memory, optim, parallel
 from r1jax import state as state_lib
-from r1jax.model.config import ModelConfig
 from r1jax.rl import grpo, trainer
-from r1jax.sampling.sampler import SamplingParams, generate
+from test_grpo_step import CFG, B, G, N, _rollout_batch
 
-CFG = ModelConfig(n_experts=4, top_k=2, n_shared_experts=1, first_k_dense=0, moe_d_ff=32)
-B, G, N = 4, 4, 6
 METRICS = ("loss", "pg_loss", "kl", "ratio_mean", "ratio_max", "ratio_min", "clip_frac", "old_kl",
            "n_tokens", "entropy", "grad_norm")
 
@@ -27,20 +24,16 @@ def _rl(**overrides):
 
 
 def _batch(model):
-  """A rollout with early stops, old log-probs off-policy (so ratios clip) and advantages."""
-  rng = np.random.default_rng(0)
-  ids = rng.integers(4, 60, (B, 5)).astype(np.int32)
-  mask = np.ones_like(ids)
-  mask[0, :2] = 0
-  out = jax.device_get(generate(model, prompt_ids_bt=ids, prompt_mask_bt=mask, rng=jax.random.key(0),
-                                group_size=G, params=SamplingParams(max_new_tokens=N)))
-  batch = trainer.sequence_batch(ids, mask, out, G)
+  """test_grpo_step's rollout, with an early stop, an empty row, old log-probs off-policy
+  (so ratios clip) and spread advantages."""
+  batch, tp = _rollout_batch(model)
+  rng = np.random.default_rng(1)
   batch["completion_mask"] = np.array(batch["completion_mask"])
   batch["completion_mask"][1, 3:] = 0  # a sample that stopped early
   batch["completion_mask"][5, :] = 0   # and one with no trained token
   batch["old_logp"] = batch["old_logp"] + rng.normal(0, 0.2, batch["old_logp"].shape).astype(np.float32)
   batch["adv"] = np.asarray(grpo.group_advantages(rng.normal(size=(B, G)))).reshape(-1).astype(np.float32)
-  return batch, ids.shape[1]
+  return batch, tp
 
 
 def _step(rl, mesh_shape=None):

@@ -11,6 +11,7 @@ One step (DeepSeek-R1 sec. 2.2; DeepSeekMath eq. 3):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -133,6 +134,14 @@ def merge_rows(x, group_size: int):
   return jnp.swapaxes(x, 0, 1).reshape((parts * rows,) + x.shape[3:])
 
 
+def pass_logprobs(graphdef, rl, prompt_len: int, params, other, batch, with_entropy: bool = False):
+  """completion_logprobs of one forward pass over `batch` with the stage's settings: the
+  sampling temperature, routing replay, and each group's prompt run once when the rows
+  hold whole groups."""
+  return completion_logprobs(graphdef, params, other, batch, prompt_len, rl.temperature, rl.routing_replay,
+                             with_entropy, group_size=shared_prefix_group(rl, batch["tokens"].shape[0]))
+
+
 def make_reference_logprobs(graphdef, rl, prompt_len: int):
   """(params, other, batch) -> log pi [R, N] of the batch's completion tokens (the
   reference policy's when given its params), in rl.minibatches x rl.microbatches passes
@@ -140,10 +149,7 @@ def make_reference_logprobs(graphdef, rl, prompt_len: int):
   more rows than the update does, and on CPU it runs ~1.4x faster than one pass over
   all rows (bench/NOTES.md, session 10)."""
   parts, g = rl.minibatches * rl.microbatches, rl.group_size
-
-  def one_pass(params, other, batch):
-    return completion_logprobs(graphdef, params, other, batch, prompt_len, rl.temperature, rl.routing_replay,
-                               group_size=shared_prefix_group(rl, batch["tokens"].shape[0]))
+  one_pass = functools.partial(pass_logprobs, graphdef, rl, prompt_len)
 
   def reference_logprobs(params, other, batch):
     if parts == 1:
@@ -165,10 +171,7 @@ def make_update(graphdef, tx, rl, prompt_len: int):
   CPU, micro-batches that fit the cache also run faster (bench/NOTES.md, session 10).
   """
   n_mb, n_micro, g = rl.minibatches, rl.microbatches, rl.group_size
-
-  def logprobs(params, other, mb):
-    return completion_logprobs(graphdef, params, other, mb, prompt_len, rl.temperature, rl.routing_replay,
-                               with_entropy=True, group_size=shared_prefix_group(rl, mb["tokens"].shape[0]))
+  logprobs = functools.partial(pass_logprobs, graphdef, rl, prompt_len, with_entropy=True)
 
   def loss(logp, mb, denominator=None):
     return grpo.policy_loss(
