@@ -62,6 +62,7 @@ from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.model.config import ModelConfig  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.model.transformer import Transformer  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.rl import grpo  # noqa: E402  pylint: disable=wrong-import-position
+from r1jax.sampling import continuous  # noqa: E402  pylint: disable=wrong-import-position
 from r1jax.sampling.sampler import (  # noqa: E402  pylint: disable=wrong-import-position
     SamplingParams, generate, slot_utilisation)
 
@@ -213,8 +214,10 @@ def main():
                      utilisation_fixed_rows=useful / (rows * int(o["steps"])))
 
   kind = "moe (8 experts top-2)" if args.moe else "dense"
-  on_mesh = (f" on a {mesh.axis_names[0]} axis (continuous batching: one device, then "
-             f"{-(-args.slots // args.devices)} slots on each device)") if mesh is not None else ""
+  on_mesh = ""
+  if mesh is not None:
+    on_mesh = (f" on a {mesh.axis_names[0]} axis (continuous batching: one device, then "
+               f"{continuous.slots_per_shard(args.slots, args.devices)} slots on each device)")
   print(f"workload: {kind}, {args.prompts} prompts x G={args.group}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, T=1.0, fp32, jax {jax.__version__}, {jax.devices()[0].platform} x "
         f"{args.devices} device(s){on_mesh}")

@@ -268,7 +268,7 @@ def estimate(config, mesh_shape, params=None) -> dict:
     r_cache = r_roll
     if rl.slots:  # continuous batching: S / W slots a device (S without the split) + the prompt store
       r_cache = continuous.slots_per_shard(rl.slots, ways) if split else rl.slots
-      r_prompt = min(sampled, math.ceil(r_cache / rl.group_size))  # generate_continuous's per_prefill
+      r_prompt = continuous.prompts_per_prefill(r_cache, rl.group_size, sampled)
       r_cache += r_prompt
     prompt = seq - rl.max_new_tokens
     cache = r_cache * seq * (cfg.n_layers * kv_slot_bytes(cfg, tensor) + 1)

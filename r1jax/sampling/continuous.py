@@ -210,6 +210,12 @@ def slots_per_shard(slots: int, shards: int) -> int:
   return max(1, -(-slots // shards))
 
 
+def prompts_per_prefill(slots: int, group_size: int, n_prompts: int) -> int:
+  """Prompts a batcher of `slots` rows prefills at a time (its prompt store): enough to
+  fill every slot at the start, at most the n_prompts there are."""
+  return min(n_prompts, max(1, -(-slots // group_size)))
+
+
 def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, budget_r, group_size,
                         params, slots: int, shrink: bool = True, mesh=None):
   """`sampler.generate` with continuous batching over `slots` decode rows (see module
@@ -228,7 +234,7 @@ def generate_continuous(graphdef, state, prompt_ids_bt, prompt_mask_bt, rng, bud
   # A shard's output buffers hold the samples it ran, in the order it started them; at
   # most twice an even share (it takes no more prompts when full: the others have room).
   cap = n_rows if w == 1 else min(n_rows, 2 * -(-n_rows // w))
-  per_prefill = min(b, max(1, -(-slots // g)))  # enough prompts to fill every slot at start
+  per_prefill = prompts_per_prefill(slots, g, b)
   budget_host = np.asarray(budget_r)
   ids_host, mask_host = np.asarray(prompt_ids_bt), np.asarray(prompt_mask_bt)
   # Prompts are handed out per_prefill at a time to whichever shard runs out of work
