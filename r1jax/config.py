@@ -64,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
       steps=200, batch_size=32, seq_len=64, log_every=10, eval_every=0,
       checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5,
       mtp_weight=0.3, bias_update_rate=0.001,
+      # pretrain / sft: the step's gradient summed over this many forward + backward
+      # passes of batch_size / microbatches rows each (gradient accumulation,
+      # r1jax/microbatch.py): the same update, 1 / microbatches of the activations.
+      microbatches=1,
       # Where a stage's weights come from (r1jax/train.py, "hand-overs"): "" the previous
       # policy stage (or, at the top level, the checkpoint the run starts from), "base" the
       # pipeline's base model, "none" a fresh init, a stage name or index, or a path.
@@ -256,6 +260,8 @@ def validate(config, n_devices: int | None = None) -> None:
   problems += _handover_problems(config)
   if config.stage in ("grpo", "pipeline"):
     problems += grpo_row_split_problems(config)
+  if config.stage in ("pretrain", "sft", "pipeline"):
+    problems += train_row_split_problems(config)
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
                     f"train.seq_len={config.train.seq_len}: the rest is the prompt budget")
@@ -280,6 +286,18 @@ def grpo_row_split_problems(config) -> list[str]:
   return [f"train.batch_size x rl.group_size = {rows} rollout rows do not split into rl.minibatches="
           f"{config.rl.minibatches} x rl.microbatches={config.rl.microbatches} equal parts: "
           f"choose values whose product divides {rows}"]
+
+
+def train_row_split_problems(config) -> list[str]:
+  """A pretrain / sft step splits its batch_size rows into train.microbatches equal
+  passes; also checked when a pipeline's stage starts (per_stage overrides)."""
+  t = config.train
+  if t.microbatches < 1:
+    return [f"train.microbatches={t.microbatches} must be at least 1 (1: one pass over the batch)"]
+  if t.batch_size > 0 and t.batch_size % t.microbatches:
+    return [f"train.batch_size={t.batch_size} rows do not split into train.microbatches={t.microbatches} "
+            f"equal passes: choose a train.microbatches that divides {t.batch_size}"]
+  return []
 
 
 def _handover_problems(config) -> list[str]:

@@ -22,9 +22,9 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   reference    = parameters when stage grpo and rl.beta > 0 (the frozen fp32 copy).
   The step phases below run one at a time; the peak is the largest phase plus the above.
   update       the jitted train step on r rows per device: r = ceil(rows / W), W =
-               data * fsdp * expert, rows = batch_size (pretrain / sft) or batch_size * G /
-               (rl.minibatches * rl.microbatches) (grpo; with rl.microbatches > 1 one more
-               fp32 gradient, the accumulator, is alive). Activations kept for the backward
+               data * fsdp * expert, rows = batch_size / train.microbatches (pretrain / sft)
+               or batch_size * G / (rl.minibatches * rl.microbatches) (grpo); with
+               micro-batches > 1 one more fp32 gradient, the accumulator, is alive. Activations kept for the backward
                pass, by model.remat:
                  none: every tensor the backward pass reads, for all L layers, per token
                  and layer: the residual stream and norms (4 D c), attention projections
@@ -223,9 +223,10 @@ def estimate(config, mesh_shape, params=None) -> dict:
   persistent = 3 * p + reference  # parameters, moments, reference; gradients: update phase
 
   gathered = gathered_weight_bytes(params, mesh_shape)
-  passes = max(rl.minibatches, 1) * max(rl.microbatches, 1) if grpo else 1
+  micro = max(rl.microbatches if grpo else t.microbatches, 1)
+  passes = max(rl.minibatches, 1) * micro if grpo else micro
   update_rows = t.batch_size * (rl.group_size if grpo else 1) // passes
-  accumulator = p if grpo and rl.microbatches > 1 else 0.0
+  accumulator = p if micro > 1 else 0.0
   r = math.ceil(update_rows / ways)
   layer_bytes = [_per_token_layer_bytes(cfg, tensor, cfg.layer_is_moe(i), c) for i in range(cfg.n_layers)]
   layer_bytes += [_per_token_layer_bytes(cfg, tensor, cfg.is_moe, c)] * cfg.mtp_depth
@@ -251,14 +252,17 @@ def estimate(config, mesh_shape, params=None) -> dict:
   rows["update: attention scores (" + ("dense" if q_rows == seq else f"blocks of {q_rows}") + ")"] = attention
   rows["update: logits (fp32, " + (f"blocks of {cfg.logits_chunk})" if cfg.logits_chunk else "unchunked)")] = logits
   if accumulator:
-    rows[f"update: gradient accumulator ({rl.microbatches} micro-batches, fp32)"] = accumulator
+    rows[f"update: gradient accumulator ({micro} passes, fp32)"] = accumulator
   if gathered:
     rows["fsdp-gathered weights"] = gathered
   notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
   if grpo and passes > 1 and update_rows % rl.group_size == 0 and update_rows // rl.group_size < ways:
-    # trainer.split_rows hands each pass whole groups, which sit on the devices holding them.
+    # microbatch.split_rows hands each pass whole groups, which sit on the devices holding them.
     notes.append(f"update: a pass holds {update_rows // rl.group_size} whole group(s) for {ways} batch shards, "
                  f"so some devices idle in every pass; fewer rl.minibatches x rl.microbatches keeps them busy")
+  if not grpo and micro > 1 and update_rows < ways:
+    notes.append(f"update: a pass holds {update_rows} row(s) for {ways} batch shards, so some devices idle in "
+                 f"every pass; fewer train.microbatches keeps them busy")
 
   if grpo:
     sampled = math.ceil(rl.oversample * t.batch_size) if rl.dynamic_sampling else t.batch_size

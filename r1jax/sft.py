@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax import microbatch
 from r1jax import state as state_lib
 from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.model.transformer import token_logprobs
@@ -31,19 +32,37 @@ def next_token_mask(batch, shift: int = 1):
   return batch["loss_mask"][:, shift:].astype(jnp.float32) * same
 
 
-def lm_loss(model, batch, mtp_weight: float = 0.0):
-  """Mean negative log-likelihood over target tokens (+ weighted MTP loss, DeepSeek-V3 eq. 25)."""
+def loss_totals(batch, mtp_depth: int = 0) -> dict:
+  """The normalisers of lm_loss's terms over a whole batch, for a pass over part of it:
+  target tokens, rows with any token (the balance loss is a mean over sequences) and,
+  per MTP depth, that depth's target tokens."""
+  totals = dict(tokens=next_token_mask(batch).sum(), rows=jnp.any(batch["segment_ids"] > 0, axis=-1).sum())
+  if mtp_depth:
+    totals["mtp_tokens"] = jnp.stack([next_token_mask(batch, j + 2).sum() for j in range(mtp_depth)])
+  return totals
+
+
+def lm_loss(model, batch, mtp_weight: float = 0.0, totals=None):
+  """Mean negative log-likelihood over target tokens (+ weighted MTP loss, DeepSeek-V3 eq. 25).
+
+  totals (`loss_totals` of a larger batch this one is part of): every mean divides by
+  the larger batch's count instead of this batch's, so the parts' losses, gradients and
+  metrics sum to the whole batch's (gradient accumulation, r1jax/microbatch.py)."""
   tokens = batch["tokens"]
   mask = next_token_mask(batch)
   # model.logits_chunk tokens at a time through the vocabulary projection (r1jax.model.logprobs).
   h_btd, aux = model(tokens, batch["positions"], batch["segment_ids"], return_hidden=True)
   logp = token_logprobs_from_hidden(model.head, h_btd[:, :-1], tokens[:, 1:], model.cfg.logits_chunk)
-  n = jnp.maximum(mask.sum(), 1.0)
+  n = jnp.maximum(mask.sum() if totals is None else totals["tokens"], 1.0)
   loss = -(logp * mask).sum() / n
   metrics = dict(nll=loss, tokens=mask.sum())
   if "balance_loss" in aux:  # complementary sequence-wise balance loss (DeepSeek-V3 eq. 17)
-    metrics["balance_loss"] = aux["balance_loss"]
-    loss = loss + aux["balance_loss"]
+    balance = aux["balance_loss"]  # a mean over this batch's rows with tokens
+    if totals is not None:
+      rows = jnp.any(batch["segment_ids"] > 0, axis=-1).sum()
+      balance = balance * rows / jnp.maximum(totals["rows"], 1)
+    metrics["balance_loss"] = balance
+    loss = loss + balance
   # The MTP head's logits stay whole even with model.logits_chunk: the model returns them
   # as aux["mtp_logits"] [D_mtp, B, T, V], so with mtp_depth > 0 the peak still holds those.
   if "mtp_logits" in aux and mtp_weight:
@@ -52,25 +71,47 @@ def lm_loss(model, batch, mtp_weight: float = 0.0):
       shift = j + 2
       m = next_token_mask(batch, shift)
       lp = token_logprobs(aux["mtp_logits"][j][:, :-shift], tokens[:, shift:])
-      mtp_losses.append(-(lp * m).sum() / jnp.maximum(m.sum(), 1.0))
+      count = m.sum() if totals is None else totals["mtp_tokens"][j]
+      mtp_losses.append(-(lp * m).sum() / jnp.maximum(count, 1.0))
     mtp = jnp.mean(jnp.stack(mtp_losses))
     metrics["mtp_nll"] = mtp
     loss = loss + mtp_weight * mtp
   return loss, (metrics, aux.get("experts"))
 
 
-def make_step(graphdef, tx, mtp_weight: float = 0.0, bias_rate: float = 0.0):
-  """The pure step: loss, gradients, optimizer, then the non-gradient MoE bias nudge."""
+def make_step(graphdef, tx, mtp_weight: float = 0.0, bias_rate: float = 0.0, microbatches: int = 1):
+  """The pure step: loss, gradients, optimizer, then the non-gradient MoE bias nudge.
+
+  microbatches = k > 1: the gradient is summed over k forward + backward passes of
+  B / k rows each (r1jax/microbatch.py); every pass normalises by the whole batch's
+  counts (`loss_totals`), so the loss, metrics, gradient and the router-bias update are
+  the one-pass values up to float summation order (tests/test_sft_microbatches.py).
+  """
+
+  def grads_of(params, other, batch, totals=None):
+    def loss_fn(p):
+      return lm_loss(state_lib.merge(graphdef, p, other), batch, mtp_weight, totals)
+    (loss, (metrics, experts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, (loss, metrics, experts)
 
   def step(state: state_lib.TrainState, batch):
-    def loss_fn(params):
-      model = state_lib.merge(graphdef, params, state.other)
-      return lm_loss(model, batch, mtp_weight)
-
-    (loss, (metrics, experts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if microbatches == 1:
+      grads, (loss, metrics, experts) = grads_of(state.params, state.other, batch)
+      valid = batch["segment_ids"] > 0
+    else:
+      mtp_depth = state_lib.merge(graphdef, state.params, state.other).cfg.mtp_depth
+      totals = loss_totals(batch, mtp_depth if mtp_weight else 0)
+      parts = microbatch.split_rows(batch, microbatches)
+      grads, (losses, metrics, experts) = microbatch.summed_gradients(
+          lambda part: grads_of(state.params, state.other, part, totals), state.params, parts)
+      loss, metrics = losses.sum(), jax.tree.map(lambda m: m.sum(0), metrics)
+      # The bias update counts each expert's load over all rows: the parts side by side.
+      valid = (parts["segment_ids"] > 0).reshape((-1,) + batch["segment_ids"].shape[1:])
+      if experts is not None:  # [parts, L, B / k, T, k] -> [L, B, T, k] in the same row order
+        experts = jnp.moveaxis(experts, 0, 1).reshape((experts.shape[1], -1) + experts.shape[3:])
     new_state, opt_metrics = state_lib.apply_gradients(state, grads, tx, loss)
     other, moe_metrics = state_lib.update_router_bias(
-        graphdef, new_state.params, new_state.other, experts, batch["segment_ids"] > 0, bias_rate)
+        graphdef, new_state.params, new_state.other, experts, valid, bias_rate)
     new_state = new_state.replace(other=other)
     return new_state, dict(loss=loss, **metrics, **opt_metrics, **moe_metrics)
 
@@ -118,10 +159,14 @@ def make_batch(examples, tokenizer, seq_len: int, template: str, completion_only
 
 def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> dict:
   """Runs a next-token stage (`pretrain` or `sft`) to config.train.steps; resumable."""
+  from r1jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from r1jax import optim, packing, parallel, session  # pylint: disable=import-outside-toplevel
   from r1jax.eval import evaluate_stage  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
 
+  problems = config_lib.train_row_split_problems(config)  # a pipeline stage's own overrides
+  if problems:
+    raise config_lib.ConfigError(f"[{stage_name}] {problems[0]}")
   steps = config.train.steps
   tx = optim.make_optimizer(config.optim, steps)
   st = session.open_stage(config, stage_name, workdir, tx, init_from)
@@ -142,7 +187,8 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
       completion_only, trace_fraction))
 
   shardings = session.state_shardings(st.state)
-  step_fn = jax.jit(make_step(st.graphdef, tx, config.train.mtp_weight, config.train.bias_update_rate),
+  step_fn = jax.jit(make_step(st.graphdef, tx, config.train.mtp_weight, config.train.bias_update_rate,
+                              config.train.microbatches),
                     in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
   log = MetricsLog(workdir, steps, stage_name)
   eval_before = float(eval_loss(st.graphdef, st.state.params, st.state.other, eval_batch))

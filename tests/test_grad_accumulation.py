@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r1jax import config as config_lib
-from r1jax import memory, optim, parallel
+from r1jax import memory, microbatch, optim, parallel
 from r1jax import state as state_lib
 from r1jax.rl import grpo, trainer
 from test_grpo_step import CFG, B, G, N, _rollout_batch
@@ -82,14 +82,14 @@ def test_microbatches_on_a_mesh_match_one_device():
 
 def test_split_rows_interleaves_whole_groups():
   x = np.arange(16)
-  parts = np.asarray(trainer.split_rows(x, 2, 4))
+  parts = np.asarray(microbatch.split_rows(x, 2, 4))
   # Groups 0 and 2 in part 0, 1 and 3 in part 1: on 2 devices holding rows 0-7 and 8-15,
   # each part has a group on each device.
   np.testing.assert_array_equal(parts, [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]])
-  np.testing.assert_array_equal(trainer.merge_rows(parts, 4), x)
-  rows = np.asarray(trainer.split_rows(x, 8, 4))  # 2 rows a part: single rows, interleaved
+  np.testing.assert_array_equal(microbatch.merge_rows(parts, 4), x)
+  rows = np.asarray(microbatch.split_rows(x, 8, 4))  # 2 rows a part: single rows, interleaved
   np.testing.assert_array_equal(rows[0], [0, 8])
-  np.testing.assert_array_equal(trainer.merge_rows(rows, 4), x)
+  np.testing.assert_array_equal(microbatch.merge_rows(rows, 4), x)
 
 
 def test_config_rejects_rows_that_do_not_split():

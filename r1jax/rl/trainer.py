@@ -25,6 +25,7 @@ from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import templates
 from r1jax.eval import completions_of, evaluate_stage, stop_params
+from r1jax.microbatch import merge_rows, split_rows, summed_gradients
 from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
@@ -112,28 +113,6 @@ def shared_prefix_group(rl, rows: int) -> int:
   return rl.group_size if rl.shared_prefix and rows % rl.group_size == 0 else 0
 
 
-def split_rows(tree, parts: int, group_size: int):
-  """Leaves [R, ...] -> [parts, R / parts, ...], whole groups of G rows in each part when
-  R / parts divides by G (else single rows). Part j takes groups j, parts + j,
-  2 parts + j, ...: interleaved, not contiguous, so that when the rows are split over
-  the mesh's batch axes (contiguously, parallel.put_global_batch) every part still
-  spreads over every device and a scan over the parts keeps all devices busy."""
-  def split(x):
-    r = x.shape[0]
-    unit = group_size if (r // parts) % group_size == 0 else 1
-    x = x.reshape((r // (parts * unit), parts, unit) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape((parts, r // parts) + x.shape[3:])
-  return jax.tree.map(split, tree)
-
-
-def merge_rows(x, group_size: int):
-  """The inverse of split_rows for one leaf: [parts, R / parts, ...] -> [R, ...]."""
-  parts, rows = x.shape[:2]
-  unit = group_size if rows % group_size == 0 else 1
-  x = x.reshape((parts, rows // unit, unit) + x.shape[2:])
-  return jnp.swapaxes(x, 0, 1).reshape((parts * rows,) + x.shape[3:])
-
-
 def pass_logprobs(graphdef, rl, prompt_len: int, params, other, batch, with_entropy: bool = False):
   """completion_logprobs of one forward pass over `batch` with the stage's settings: the
   sampling temperature, routing replay, and each group's prompt run once when the rows
@@ -193,12 +172,9 @@ def make_update(graphdef, tx, rl, prompt_len: int):
     else:
       denominator = grpo.loss_denominator(mb["completion_mask"], rl.aggregation, rl.max_new_tokens)
 
-      def accumulate(acc, micro):
-        grads, aux = grads_and_logprobs(state.params, state.other, micro, denominator)
-        return jax.tree.map(jnp.add, acc, grads), aux
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, (logp, entropy) = jax.lax.scan(accumulate, zeros, split_rows(mb, n_micro, g))
+      grads, (logp, entropy) = summed_gradients(
+          lambda micro: grads_and_logprobs(state.params, state.other, micro, denominator),
+          state.params, split_rows(mb, n_micro, g))
       logp, entropy = merge_rows(logp, g), merge_rows(entropy, g)
     value, metrics = loss(jax.lax.stop_gradient(logp), mb)
     valid = mb["completion_mask"] > 0
