@@ -4,7 +4,9 @@ DeepSeek-R1 (Nature, 2025) R1-Zero settings via the `r1_zero` preset: GRPO with 
 KL estimator, beta 0.001, G = 16, temperature 1, 32 questions a step, 32,768 new
 tokens, the reference refreshed every 400 steps; lr 3e-6. Load real weights with
 `python -m r1jax.convert import --hf PATH --out DIR` and start from that checkpoint.
-Sized for a TPU v5p-64 / 32 chips (fsdp over all devices).
+Sized for a TPU v5p-64 / 32 chips (fsdp over all devices): remat and query / logits
+blocks keep a 33,792-token row within ~23 GiB a chip, where whole [T, T] scores alone
+would ask ~2.2 TiB (`--dry_run` prints the terms, r1jax/memory.py).
 """
 
 from r1jax.config import default_config
@@ -21,6 +23,9 @@ def get_config():
   m.qkv_bias, m.tie_embeddings, m.norm_eps = True, True, 1e-6
   m.rope_theta = 10000.0
   m.dtype = "bfloat16"
+  # 32K-token rows: rerun each block in the backward pass and never hold [T, T] scores
+  # or [T, V] logits whole (a 151,936-token vocabulary: 20 GB of fp32 logits a row).
+  m.remat, m.attention_chunk, m.logits_chunk = "full", 2048, 2048
   c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 1, 1
   apply_preset(c.rl, "r1_zero")
   c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-6, 0, "constant"

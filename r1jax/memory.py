@@ -256,13 +256,10 @@ def estimate(config, mesh_shape, params=None) -> dict:
   if gathered:
     rows["fsdp-gathered weights"] = gathered
   notes = [f"update: {r} row(s) of {seq} tokens per device ({update_rows} rows over {ways} batch shards)"]
-  if grpo and passes > 1 and update_rows % rl.group_size == 0 and update_rows // rl.group_size < ways:
-    # microbatch.split_rows hands each pass whole groups, which sit on the devices holding them.
-    notes.append(f"update: a pass holds {update_rows // rl.group_size} whole group(s) for {ways} batch shards, "
-                 f"so some devices idle in every pass; fewer rl.minibatches x rl.microbatches keeps them busy")
-  if not grpo and micro > 1 and update_rows < ways:
+  if passes > 1 and update_rows < ways:  # a pass's rows spread over the shards (microbatch.spread_rows)
+    knob = "rl.minibatches x rl.microbatches" if grpo else "train.microbatches"
     notes.append(f"update: a pass holds {update_rows} row(s) for {ways} batch shards, so some devices idle in "
-                 f"every pass; fewer train.microbatches keeps them busy")
+                 f"every pass; fewer {knob} keeps them busy")
 
   if grpo:
     sampled = math.ceil(rl.oversample * t.batch_size) if rl.dynamic_sampling else t.batch_size

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from r1jax import parallel
 
 
 def split_rows(tree, parts: int, group_size: int = 1):
@@ -36,15 +39,46 @@ def merge_rows(x, group_size: int = 1):
   return jnp.swapaxes(x, 0, 1).reshape((parts * rows,) + x.shape[3:])
 
 
+def spread_rows(tree):
+  """Each leaf's rows [R, ...] split evenly over the batch axes of the mesh in context
+  (`jax.set_mesh`; the stages trace their steps under it), over as many of them, in
+  order, as R divides; unchanged without a mesh.
+
+  Why: a part of split_rows is a strided slice of a row-sharded batch. When each device
+  holds at least `parts` groups the part is already spread and this moves nothing; when
+  it holds fewer (e.g. the R1-Zero preset's 16 minibatches of 2 groups on 32 chips that
+  hold one group each), XLA would otherwise run the part on the few devices holding its
+  rows and repeat that work on the rest. Then the rows move (a group's rows may land on
+  several devices; the shared prompt's cache follows them), which costs a copy of the
+  part's inputs, not of its activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tree
+
+  def spread(x):
+    axes, shards = [], 1
+    for a in parallel.BATCH_AXES:
+      size = dict(mesh.shape).get(a, 1)
+      if size > 1 and x.shape[0] % (shards * size) == 0:
+        axes.append(a)
+        shards *= size
+    if not axes:
+      return x
+    return jax.lax.with_sharding_constraint(x, P(tuple(axes), *([None] * (x.ndim - 1))))
+
+  return jax.tree.map(spread, tree)
+
+
 def summed_gradients(grads_of, params, parts):
   """sum_j grads_of(part j)[0] over the leading axis of `parts` (split_rows' output) in a
   lax.scan with one accumulator, and the parts' aux outputs stacked [parts, ...].
 
-  grads_of(part) -> (gradients shaped like params, aux). On a data-parallel mesh each
+  grads_of(part) -> (gradients shaped like params, aux); each part's rows are spread
+  over the batch shards first (`spread_rows`). On a data-parallel mesh each
   part's gradient is all-reduced inside the loop (XLA does not defer a carry's
   reduction past it): k passes cost k all-reduces."""
   def accumulate(acc, part):
-    grads, aux = grads_of(part)
+    grads, aux = grads_of(spread_rows(part))
     return jax.tree.map(jnp.add, acc, grads), aux
 
   return jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), parts)

@@ -3,6 +3,9 @@ sum to the one-pass gradient under every loss aggregation, the logged metrics ar
 one-pass metrics, the reference forward in passes equals one pass, and the row split
 keeps groups whole and every part spread over a row-sharded batch."""
 
+import contextlib
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from r1jax import config as config_lib
 from r1jax import memory, microbatch, optim, parallel
 from r1jax import state as state_lib
 from r1jax.rl import grpo, trainer
+from r1jax.model.config import ModelConfig
 from test_grpo_step import CFG, B, G, N, _rollout_batch
 
 METRICS = ("loss", "pg_loss", "kl", "ratio_mean", "ratio_max", "ratio_min", "clip_frac", "old_kl",
@@ -46,8 +50,10 @@ def _step(rl, mesh_shape=None):
   ref_params = jax.tree.map(lambda p: p * 1.01, st.params)  # a reference that differs (kl > 0)
   if mesh is not None:
     batch = parallel.put_global_batch(mesh, batch)
-  batch["ref_logp"] = jax.jit(trainer.make_reference_logprobs(graphdef, rl, tp))(ref_params, st.other, batch)
-  new_state, metrics = jax.jit(trainer.make_update(graphdef, tx, rl, tp))(st, batch)
+  # Under the mesh, as the stage runs them: each pass's rows spread over the batch shards.
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    batch["ref_logp"] = jax.jit(trainer.make_reference_logprobs(graphdef, rl, tp))(ref_params, st.other, batch)
+    new_state, metrics = jax.jit(trainer.make_update(graphdef, tx, rl, tp))(st, batch)
   return jax.device_get(metrics), jax.device_get(new_state.params), np.asarray(batch["ref_logp"])
 
 
@@ -78,6 +84,43 @@ def test_microbatches_smaller_than_a_group_and_with_minibatches():
 def test_microbatches_on_a_mesh_match_one_device():
   want = _step(_rl(microbatches=2))
   _assert_same_step(_step(_rl(microbatches=2), mesh_shape=(2, 1, 4, 1)), want)
+
+
+def test_microbatches_on_a_mesh_match_one_device_when_groups_must_split():
+  # 16 rows in 4 passes of one group on 8 batch shards: each pass's rows move so that
+  # every device holds one of them, splitting the group (and its shared prompt) over 4.
+  want = _step(_rl(microbatches=4))
+  _assert_same_step(_step(_rl(microbatches=4), mesh_shape=(8, 1, 1, 1)), want)
+
+
+def _local_mlp_rows(rl, mesh_shape):
+  """Per-device row counts of the dense MLP's [rows, tokens, d_ff] activations in the
+  compiled update (d_ff is a size nothing else has)."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=40)
+  b, g, tp, n = 8, 4, 4, 8
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 64, (b * g, tp + n)).astype(np.int32)
+  batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens),
+               positions=np.tile(np.arange(tp + n, dtype=np.int32), (b * g, 1)),
+               completion_mask=np.ones((b * g, n), np.int32), old_logp=np.zeros((b * g, n), np.float32),
+               adv=rng.normal(size=b * g).astype(np.float32))
+  tx = optim.make_optimizer(config_lib.default_config().optim, 10)
+  mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
+  graphdef, st = state_lib.create_state(state_lib.create_model(cfg, 0, mesh), tx)
+  rl.update(group_size=g, max_new_tokens=n, beta=0.0)
+  with jax.set_mesh(mesh):
+    text = jax.jit(trainer.make_update(graphdef, tx, rl, tp)).lower(st, parallel.put_global_batch(mesh, batch)
+                                                                     ).compile().as_text()
+  return {int(m) for m in re.findall(rf"f32\[(\d+),{n},40\]", text)}
+
+
+def test_each_pass_spreads_over_every_batch_shard():
+  # 32 rows (8 groups of 4) on 8 devices: one group each. One pass: 4 rows a device.
+  assert _local_mlp_rows(_rl(), (8, 1, 1, 1)) == {4}
+  # 4 minibatches or 4 micro-batches of 2 groups: without moving rows, a pass would run
+  # on the 2 devices that hold its groups (4 rows each) and repeat on the other 6.
+  assert _local_mlp_rows(_rl(minibatches=4), (8, 1, 1, 1)) == {1}
+  assert _local_mlp_rows(_rl(microbatches=4), (2, 1, 4, 1)) == {1}  # over data x expert
 
 
 def test_split_rows_interleaves_whole_groups():
@@ -116,12 +159,12 @@ def test_memory_plan_counts_micro_batch_rows_and_the_accumulator():
   assert split["phases"]["update"] < whole["phases"]["update"]
 
 
-def test_memory_plan_warns_when_a_pass_has_fewer_groups_than_shards():
+def test_memory_plan_warns_when_a_pass_has_fewer_rows_than_shards():
   c = config_lib.default_config()
-  c.stage, c.train.batch_size, c.rl.group_size, c.rl.microbatches = "grpo", 8, 8, 8
-  assert any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])
-  c.rl.microbatches = 4
-  assert not any("some devices idle" in n for n in memory.estimate(c, (2, 1, 1, 1))["notes"])
+  c.stage, c.train.batch_size, c.rl.group_size, c.rl.microbatches = "grpo", 8, 8, 8  # 8 rows a pass
+  assert any("some devices idle" in n for n in memory.estimate(c, (16, 1, 1, 1))["notes"])
+  # One group a pass on 8 shards: its rows spread, a row a device (microbatch.spread_rows).
+  assert not any("some devices idle" in n for n in memory.estimate(c, (8, 1, 1, 1))["notes"])
 
 
 def test_grpo_stage_refuses_a_row_split_its_own_overrides_break(tmp_path):

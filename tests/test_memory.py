@@ -142,6 +142,22 @@ def test_deepseek_v3_recipe_fits_1024_chips_at_32k_and_would_not_without_remat(m
   assert "512 rows cannot be split evenly over data x fsdp x expert = 1024" in err
 
 
+def test_qwen_1_5b_recipe_fits_32_chips_with_every_device_busy(monkeypatch, capsys):
+  """The 1.5B dense recipe as shipped fits its v5p-64 (32 chips of 95 GiB) at 32K-token
+  rows; each of its 16 minibatches of 2 groups spreads its 32 rows over the 32 shards
+  (microbatch.spread_rows), so the plan has no idle-device note."""
+  monkeypatch.setenv("R1JAX_NUM_DEVICES", "32")
+  monkeypatch.setenv("R1JAX_DEVICE_MEMORY_GIB", "95")
+  recipe = os.path.join(ROOT, "configs", "r1_zero_qwen2_5_math_1_5b.py")
+  assert train.main(["--config", recipe, "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert "1.54B parameters" in out and "1 row(s) of 33792 tokens per device (32 rows over 32 batch shards)" in out
+  assert "fits:" in out and "idle" not in out
+  assert train.main(["--config", recipe, "--dry_run", "--config.model.remat=none",
+                     "--config.model.attention_chunk=0"]) == 2
+  assert "update: attention scores (dense)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("knobs", [{}, dict(attention_chunk=64, logits_chunk=64),
                                    dict(remat="full", attention_chunk=64, logits_chunk=64)],
                          ids=["dense", "blocks", "remat_and_blocks"])

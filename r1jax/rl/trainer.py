@@ -25,7 +25,7 @@ from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import templates
 from r1jax.eval import completions_of, evaluate_stage, stop_params
-from r1jax.microbatch import merge_rows, split_rows, summed_gradients
+from r1jax.microbatch import merge_rows, split_rows, spread_rows, summed_gradients
 from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
@@ -133,7 +133,8 @@ def make_reference_logprobs(graphdef, rl, prompt_len: int):
   def reference_logprobs(params, other, batch):
     if parts == 1:
       return one_pass(params, other, batch)
-    return merge_rows(jax.lax.map(lambda b: one_pass(params, other, b), split_rows(batch, parts, g)), g)
+    passes = split_rows(batch, parts, g)
+    return merge_rows(jax.lax.map(lambda b: one_pass(params, other, spread_rows(b)), passes), g)
 
   return reference_logprobs
 
@@ -167,6 +168,7 @@ def make_update(graphdef, tx, rl, prompt_len: int):
     return grads, aux
 
   def one_minibatch(state, mb):
+    mb = spread_rows(mb)
     if n_micro == 1:
       grads, (logp, entropy) = grads_and_logprobs(state.params, state.other, mb)
     else:
