@@ -64,8 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
       steps=200, batch_size=32, seq_len=64, log_every=10, eval_every=0,
       checkpoint_every=100, keep_checkpoints=2, max_nonfinite_steps=5,
       mtp_weight=0.3, bias_update_rate=0.001,
-      # pretrain / sft: the step's gradient summed over this many forward + backward
-      # passes of batch_size / microbatches rows each (gradient accumulation,
+      # pretrain / sft / reward_model: the step's gradient summed over this many forward +
+      # backward passes of batch_size / microbatches rows (pairs) each (gradient accumulation,
       # r1jax/microbatch.py): the same update, 1 / microbatches of the activations.
       microbatches=1,
       # Where a stage's weights come from (r1jax/train.py, "hand-overs"): "" the previous
@@ -260,7 +260,7 @@ def validate(config, n_devices: int | None = None) -> None:
   problems += _handover_problems(config)
   if config.stage in ("grpo", "pipeline"):
     problems += grpo_row_split_problems(config)
-  if config.stage in ("pretrain", "sft", "pipeline"):
+  if config.stage in ("pretrain", "sft", "reward_model", "pipeline"):
     problems += train_row_split_problems(config)
   if config.stage in ("grpo", "pipeline") and config.rl.max_new_tokens >= config.train.seq_len:
     problems.append(f"rl.max_new_tokens={config.rl.max_new_tokens} must be below "
@@ -289,8 +289,9 @@ def grpo_row_split_problems(config) -> list[str]:
 
 
 def train_row_split_problems(config) -> list[str]:
-  """A pretrain / sft step splits its batch_size rows into train.microbatches equal
-  passes; also checked when a pipeline's stage starts (per_stage overrides)."""
+  """A pretrain / sft step splits its batch_size rows (reward_model: pairs) into
+  train.microbatches equal passes; also checked when a pipeline's stage starts
+  (per_stage overrides)."""
   t = config.train
   if t.microbatches < 1:
     return [f"train.microbatches={t.microbatches} must be at least 1 (1: one pass over the batch)"]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax import checkpoint, parallel, session
+from r1jax import checkpoint, microbatch, parallel, session
 from r1jax import config as config_lib
 from r1jax import state as state_lib
 from r1jax.data import templates, tokenizer as tokenizer_lib
@@ -70,9 +70,11 @@ def hidden_states(lm: Transformer, tokens_bt, positions_bt, segment_ids_bt):
   return lm(tokens_bt, positions_bt, segment_ids_bt, mtp=False, return_hidden=True)[0]
 
 
-def bt_loss(r_chosen_p, r_rejected_p):
-  """Bradley-Terry negative log-likelihood, mean over pairs."""
-  return -jnp.mean(jax.nn.log_sigmoid(r_chosen_p - r_rejected_p))
+def bt_loss(r_chosen_p, r_rejected_p, n_pairs=None):
+  """Bradley-Terry negative log-likelihood, mean over pairs; n_pairs: divide by that
+  many (a larger step's pairs, for a pass over part of them) instead of these P."""
+  n = r_chosen_p.shape[0] if n_pairs is None else n_pairs
+  return -jnp.sum(jax.nn.log_sigmoid(r_chosen_p - r_rejected_p)) / n
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,21 +197,36 @@ def open_stage(config, workdir: str, tx, init_from: str | None) -> session.Stage
                        data_state, start)
 
 
-def make_step(graphdef, tx):
-  """The pure step: Bradley-Terry loss over [2P, T] rows, gradients, optimizer. An MoE
-  trunk's balancing bias stays as loaded: the scalar head, not routing, should learn
-  the preference (as in RL, DESIGN.md)."""
+def make_step(graphdef, tx, microbatches: int = 1):
+  """The pure step: Bradley-Terry loss over [2P, T] rows (P chosen, then their P
+  rejected), gradients, optimizer. An MoE trunk's balancing bias stays as loaded: the
+  scalar head, not routing, should learn the preference (as in RL, DESIGN.md).
 
-  def step(state, batch):
-    def loss_fn(params):
-      model = state_lib.merge(graphdef, params, state.other)
-      r_b = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  microbatches = k > 1: the gradient is summed over k passes of P / k pairs each, every
+  pass dividing by all P pairs (r1jax/microbatch.py): the one-pass step up to float
+  summation order (tests/test_reward_model.py)."""
+
+  def grads_of(params, other, rows, n_pairs):
+    def loss_fn(p):
+      r_b = state_lib.merge(graphdef, p, other)(rows["tokens"], rows["positions"], rows["segment_ids"])
       r_chosen, r_rejected = jnp.split(r_b, 2)
       margin = r_chosen - r_rejected
-      return bt_loss(r_chosen, r_rejected), dict(accuracy=jnp.mean(margin > 0),
-                                                 margin=jnp.mean(margin))
+      return bt_loss(r_chosen, r_rejected, n_pairs), dict(accuracy=(margin > 0).sum() / n_pairs,
+                                                          margin=margin.sum() / n_pairs)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, (loss, metrics)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def step(state, batch):
+    n_pairs = batch["tokens"].shape[0] // 2
+    if microbatches == 1:
+      grads, (loss, metrics) = grads_of(state.params, state.other, batch, n_pairs)
+    else:  # [2P, ...] -> [P, 2, ...]: a pass takes whole pairs
+      pairs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((2, n_pairs) + x.shape[1:]), 0, 1), batch)
+      as_rows = lambda part: jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), part)
+      grads, (losses, metrics) = microbatch.summed_gradients(
+          lambda part: grads_of(state.params, state.other, as_rows(part), n_pairs), state.params,
+          microbatch.split_rows(pairs, microbatches))
+      loss, metrics = losses.sum(), jax.tree.map(lambda m: m.sum(0), metrics)
     state, opt_metrics = state_lib.apply_gradients(state, grads, tx, loss)
     return state, dict(loss=loss, **metrics, **opt_metrics)
 
@@ -245,6 +262,9 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   """Trains the reward model for config.train.steps steps; resumable; returns the summary."""
   from r1jax import optim  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
+  problems = config_lib.train_row_split_problems(config)  # a pipeline stage's own overrides
+  if problems:
+    raise config_lib.ConfigError(f"[reward_model] {problems[0]}")
   steps, t, template = config.train.steps, config.train.seq_len, config.data.template
   tx = optim.make_optimizer(config.optim, steps)
   st = open_stage(config, workdir, tx, init_from)
@@ -253,7 +273,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   if st.data_state:
     it.set_state(st.data_state)
   shardings = session.state_shardings(st.state)
-  step_fn = jax.jit(make_step(st.graphdef, tx), in_shardings=(shardings, None),
+  step_fn = jax.jit(make_step(st.graphdef, tx, config.train.microbatches), in_shardings=(shardings, None),
                     out_shardings=(shardings, None), donate_argnums=0)
   accuracy = lambda: pairwise_accuracy(st.graphdef, (st.state.params, st.state.other), test,
                                        st.tokenizer, t, template, 2 * config.train.batch_size)

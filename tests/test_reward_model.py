@@ -3,13 +3,15 @@ the LM's own logits, training on a separable preference set, and the GRPO reward
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from r1jax import config as config_lib
-from r1jax import reward_model
+from r1jax import optim, reward_model
+from r1jax import state as state_lib
 from r1jax.data import tasks
 from r1jax.model.config import ModelConfig
 from r1jax.rl import rewards
@@ -38,6 +40,26 @@ def test_hidden_states_are_the_lm_trunk():
   # The score reads the last real token: what follows it (padding) changes nothing.
   _, _, r_padded = trunk(rm, tokens.at[1, 7:].set(5), pos, seg)
   assert float(r_padded[1]) == pytest.approx(float(r[1]), abs=1e-6)
+
+
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_microbatches_sum_to_the_one_pass_step(microbatches):
+  # 8 pairs [2P, T] (chosen rows, then their rejected rows) with padding of varied length:
+  # passes of whole pairs, each dividing by all 8 pairs, give the one-pass step.
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=48)
+  tx = optim.make_optimizer(config_lib.default_config().optim, 10)
+  graphdef, st = state_lib.create_state(reward_model.RewardModel(cfg, nnx.Rngs(0)), tx)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 64, (16, 10)).astype(np.int32)
+  seg = (np.arange(10)[None] < rng.integers(3, 11, (16, 1))).astype(np.int32)
+  batch = dict(tokens=tokens, segment_ids=seg, positions=np.tile(np.arange(10, dtype=np.int32), (16, 1)))
+  runs = [jax.jit(reward_model.make_step(graphdef, tx, k))(st, batch) for k in (1, microbatches)]
+  (want_state, want), (got_state, got) = jax.device_get(runs)
+  assert 0 < want["accuracy"] < 1
+  for name in ("loss", "accuracy", "margin", "grad_norm"):
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=1e-7, err_msg=name)
+  for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 YES, NO = "<think>ok</think><answer>yes</answer>", "<think>ok</think><answer>no</answer>"
