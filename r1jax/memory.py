@@ -24,8 +24,8 @@ What is exact and what is estimated (c = bytes of model.dtype; per device throug
   update       the jitted train step on r rows per device: r = ceil(rows / W), W =
                data * fsdp * expert, rows = batch_size / train.microbatches (pretrain / sft)
                or batch_size * G / (rl.minibatches * rl.microbatches) (grpo); with
-               micro-batches > 1 one more fp32 gradient, the accumulator, is alive. Activations kept for the backward
-               pass, by model.remat:
+               micro-batches > 1 one more fp32 gradient, the accumulator, is alive.
+               Activations kept for the backward pass, by model.remat:
                  none: every tensor the backward pass reads, for all L layers, per token
                  and layer: the residual stream and norms (4 D c), attention projections
                  (MLA: q latents, q, roped q, kv latents, per-head k and v, out; GQA: q, k,

@@ -1,11 +1,12 @@
 """Gradient accumulation: a batch's gradient summed over forward + backward passes.
 
-Both update steps use it: the GRPO update (`rl.microbatches`, r1jax/rl/trainer.py) and
+Every update step uses it: the GRPO update (`rl.microbatches`, r1jax/rl/trainer.py),
 the next-token step of pretraining, SFT and distillation (`train.microbatches`,
-r1jax/sft.py). Each pass's loss divides by the *whole* batch's normaliser (token count,
-row count, ...), so the passes' gradients sum to the one-pass gradient; only one pass's
-activations are live at a time. The row split interleaves (see `split_rows`) so that a
-row-sharded batch keeps every device busy in every pass.
+r1jax/sft.py) and the reward model's (r1jax/reward_model.py). Each pass's loss divides by
+the *whole* batch's normaliser (token count, row count, pairs, ...), so the passes'
+gradients sum to the one-pass gradient; only one pass's activations are live at a time.
+The row split interleaves (`split_rows`) and each pass's rows are spread over the batch
+shards (`spread_rows`), so a row-sharded batch keeps every device busy in every pass.
 """
 
 from __future__ import annotations
