@@ -146,17 +146,24 @@ def test_config_rejects_rows_that_do_not_split():
     config_lib.validate(c)
 
 
-def test_memory_plan_counts_micro_batch_rows_and_the_accumulator():
-  c = config_lib.default_config()
-  c.stage, c.train.batch_size, c.rl.group_size = "grpo", 8, 8
+def assert_plan_counts_passes(c, set_passes, whole_rows: int, pass_rows: int):
+  """The dry-run plan of config `c` before and after `set_passes(c)`: the update's rows
+  per device drop from whole_rows to pass_rows, an fp32 gradient accumulator the size of
+  the gradients appears, and the update phase shrinks."""
   whole = memory.estimate(c, (1, 1, 1, 1))
-  c.rl.microbatches = 4
+  set_passes(c)
   split = memory.estimate(c, (1, 1, 1, 1))
-  assert any("update: 16 row(s)" in n for n in split["notes"]), split["notes"]
-  assert any("update: 64 row(s)" in n for n in whole["notes"]), whole["notes"]
+  assert any(f"update: {pass_rows} row(s)" in n for n in split["notes"]), split["notes"]
+  assert any(f"update: {whole_rows} row(s)" in n for n in whole["notes"]), whole["notes"]
   acc = [v for k, v in split["rows"].items() if k.startswith("update: gradient accumulator")]
   assert acc == [split["rows"]["gradients (fp32)"]]
   assert split["phases"]["update"] < whole["phases"]["update"]
+
+
+def test_memory_plan_counts_micro_batch_rows_and_the_accumulator():
+  c = config_lib.default_config()
+  c.stage, c.train.batch_size, c.rl.group_size = "grpo", 8, 8
+  assert_plan_counts_passes(c, lambda c: c.rl.update(microbatches=4), whole_rows=64, pass_rows=16)
 
 
 def test_memory_plan_warns_when_a_pass_has_fewer_rows_than_shards():

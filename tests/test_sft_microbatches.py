@@ -10,6 +10,7 @@ from r1jax import config as config_lib
 from r1jax import memory, optim, parallel, sft
 from r1jax import state as state_lib
 from r1jax.model.config import ModelConfig
+from test_grad_accumulation import assert_plan_counts_passes
 
 DENSE_MTP = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=48,
                         mtp_depth=2)
@@ -120,13 +121,6 @@ def test_config_rejects_a_batch_that_does_not_split(tmp_path):
 def test_memory_plan_counts_pass_rows_and_the_accumulator():
   c = config_lib.default_config()
   c.stage, c.train.batch_size, c.train.seq_len = "sft", 32, 256
-  whole = memory.estimate(c, (1, 1, 1, 1))
-  c.train.microbatches = 4
-  split = memory.estimate(c, (1, 1, 1, 1))
-  assert any("update: 8 row(s)" in n for n in split["notes"]), split["notes"]
-  assert any("update: 32 row(s)" in n for n in whole["notes"]), whole["notes"]
-  acc = [v for k, v in split["rows"].items() if k.startswith("update: gradient accumulator")]
-  assert acc == [split["rows"]["gradients (fp32)"]]
-  assert split["phases"]["update"] < whole["phases"]["update"]
+  assert_plan_counts_passes(c, lambda c: c.train.update(microbatches=4), whole_rows=32, pass_rows=8)
   c.train.microbatches = 8  # 4 rows a pass on 8 batch shards
   assert any("some devices idle" in n for n in memory.estimate(c, (8, 1, 1, 1))["notes"])
