@@ -50,7 +50,7 @@ def spread_rows(tree):
   it holds fewer (e.g. the R1-Zero preset's 16 minibatches of 2 groups on 32 chips that
   hold one group each), XLA would otherwise run the part on the few devices holding its
   rows and repeat that work on the rest. Then the rows move (a group's rows may land on
-  several devices; the shared prompt's cache follows them), which costs a copy of the
+  several devices; the shared prompt's keys follow them), which costs a copy of the
   part's inputs, not of its activations."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

@@ -76,3 +76,25 @@ def test_grpo_forward_flops_counts_each_prompt_once_when_shared():
   shared = flops.grpo_forward_flops(cfg, b, g, tp, n, shared_prefix=True)
   np.testing.assert_allclose(whole - shared, (g - 1) * b * tp * (flops.forward_flops_per_token(cfg, tp) - head),
                              rtol=1e-12)
+
+
+def test_training_forwards_never_take_the_sampler_moe_dispatch(monkeypatch):
+  """Without a decode cache, an attention returns its keys and values in the cache's
+  place; a block must still run its MoE with the training dispatch (cached_moe gives the
+  same values, so only this catches it, and its capacity buffers at training sizes are
+  6x the memory: bench/NOTES.md, session 9). Covers the plain forward with an MTP depth,
+  a prompt forward with return_kv and the completions after it; the sampler still uses
+  cached_moe."""
+  import r1jax.model.transformer as transformer  # pylint: disable=import-outside-toplevel
+  calls = []
+  real = transformer.cached_moe
+  monkeypatch.setattr(transformer, "cached_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+  model = state_lib.create_model(ModelConfig(**{**MOE_MLA.__dict__, "mtp_depth": 1}), seed=1)
+  tokens = jnp.asarray([[3, 4, 5, 6], [7, 8, 9, 10]], jnp.int32)
+  _, aux = model(tokens, return_kv=True)
+  assert "mtp_logits" in aux and aux["experts"] is not None
+  model(tokens[:, :2], jnp.asarray([[4, 5], [4, 5]], jnp.int32), cache=aux["prompt"])
+  assert not calls
+  generate(model, prompt_ids_bt=np.asarray(tokens), prompt_mask_bt=np.ones((2, 4), np.int32), rng=jax.random.key(0),
+           params=SamplingParams(max_new_tokens=2))
+  assert calls

@@ -3,7 +3,7 @@ the model's values and gradients, and do cut what XLA allocates.
 
 References: the same model with both knobs off (remat "none", whole [T, S] attention).
 Rows are packed (two segments and padding), T is not a multiple of the query block, and
-the cached multi-query forward (the GRPO update's shared prompt) is checked too.
+the GRPO update's shared-prompt forward (cache=SharedPrompt) is checked too.
 """
 
 import dataclasses
@@ -21,7 +21,7 @@ from r1jax import state as state_lib
 from r1jax.model.attention import over_query_blocks
 from r1jax.model.config import ModelConfig
 from r1jax.model.transformer import attention_mask, token_logprobs
-from r1jax.sampling.sampler import SamplingParams, generate, prefill
+from r1jax.sampling.sampler import SamplingParams, generate, prompt_positions
 
 DENSE_GQA = ModelConfig(n_layers=3, n_heads=4, n_kv_heads=2)
 MOE_MLA = ModelConfig(n_layers=3, attention="mla", n_experts=4, top_k=2, n_shared_experts=1,
@@ -94,11 +94,14 @@ def test_query_blocks_see_every_key_and_drop_the_padding():
 
 
 @pytest.mark.parametrize("base", [DENSE_GQA, MOE_MLA], ids=["dense_gqa", "moe_mla"])
-def test_cached_multi_query_forward_with_blocks_and_remat(base):
-  """The GRPO update's shared-prompt pass: completions of T queries against a prefilled
-  cache, differentiated (sampling_moe=False). Same values and gradients with the knobs."""
+def test_shared_prompt_forward_with_blocks_and_remat(base):
+  """The GRPO update's shared-prompt pass: 2 rows of 9 completion tokens after each of 2
+  left-padded prompts (cache=SharedPrompt), differentiated. Same values and gradients with
+  the knobs (the query blocks split the completions, not the prompt)."""
   prompt = jnp.asarray([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]], jnp.int32)
-  comp = jnp.asarray(np.random.default_rng(1).integers(1, base.vocab_size, size=(2, 9)), jnp.int32)
+  pmask = (prompt > 0).astype(jnp.int32)
+  comp = jnp.asarray(np.random.default_rng(1).integers(1, base.vocab_size, size=(4, 9)), jnp.int32)
+  pos = jnp.repeat(pmask.sum(1), 2)[:, None] + jnp.arange(9, dtype=jnp.int32)[None]
 
   def run(cfg):
     model = state_lib.create_model(cfg, seed=2)
@@ -106,9 +109,8 @@ def test_cached_multi_query_forward_with_blocks_and_remat(base):
 
     def loss(p):
       m = state_lib.merge(graphdef, p, other)
-      _, cache, lengths, _ = prefill(m, prompt, (prompt > 0).astype(jnp.int32), 5 + 9, sampling_moe=False)
-      pos = lengths[:, None] + jnp.arange(9, dtype=jnp.int32)[None]
-      logits, _ = m(comp, pos, jnp.ones_like(comp), cache=cache, sampling_moe=False)
+      _, aux = m(prompt, prompt_positions(pmask, 14), pmask, mtp=False, return_hidden=True, return_kv=True)
+      logits, _ = m(comp, pos, jnp.ones_like(comp), cache=aux["prompt"])
       return token_logprobs(logits[:, :-1], comp[:, 1:]).sum(), logits
 
     (s, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -12,10 +12,17 @@ in a decode step (see _cached_attention). MLA caches only what DeepSeek-V2 secti
 needed: the normalised latent c_kv [B, S, R] and the shared RoPE key [B, S, Dr]; decoding
 with a cache uses the absorbed form (W_uk folded into the query, W_uv applied after the
 weighted sum), so the per-head keys and values are never materialised.
+
+Without a cache, each attention also returns its keys and values (GQA: k, v; MLA: the
+per-head k_nope, v and the shared k_rope), unused (and compiled away) except by the GRPO
+update's prompt forward: those of a group's prompt come back as a `PrefixKV` in place of
+the cache, and each of the group's G completion rows attends to them and causally to its
+own tokens (r1jax.rl.trainer.prefix_shared_hidden).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -83,6 +90,35 @@ class KeyMask(NamedTuple):
     """[B, T, S] bool."""
     same = self.q_seg[:, :, None] == self.k_seg[:, None, :]
     return same & (self.k_seg[:, None, :] > 0) & (self.k_pos[:, None, :] <= self.q_pos[:, :, None])
+
+
+class PrefixKV(NamedTuple):
+  """One layer's keys and values of B prompts, each continued by G consecutive rows.
+
+  kv: what the layer returned in the prompt's own forward, [B, Tp, ...] each.
+  valid: [B, Tp] bool, the prompt's real tokens (not left padding).
+  Every completion query sees all of its prompt's real tokens: they precede it."""
+  kv: dict
+  valid: jax.Array
+
+
+def prefix_softmax(scores_p, scores_o, valid_bs, mask_rts, scale: float):
+  """One softmax over a query's prompt keys and its own row's keys.
+
+  scores_p [R, ..., T, Tp] against the group's prompt, scores_o [R, ..., T, N] against the
+  row's own tokens (the same head dims ...); valid_bs [B, Tp] with R = B x G rows;
+  mask_rts [R, T, N]. Returns the probabilities split the same way, fp32."""
+  r, t, tp = scores_p.shape[0], scores_p.shape[-2], scores_p.shape[-1]
+  valid_rts = jnp.broadcast_to(jnp.repeat(valid_bs, r // valid_bs.shape[0], axis=0)[:, None, :], (r, t, tp))
+  mask = jnp.concatenate([valid_rts, mask_rts], axis=-1)
+  mask = mask.reshape(r, *(1,) * (scores_p.ndim - 3), t, mask.shape[-1])
+  probs = masked_softmax(jnp.concatenate([scores_p, scores_o], axis=-1) * scale, mask)
+  return probs[..., :tp], probs[..., tp:]
+
+
+def by_group(x_r, b: int):
+  """[R, ...] -> [B, G, ...]: the rows of each prompt's group together (R = B x G)."""
+  return x_r.reshape((b, x_r.shape[0] // b) + x_r.shape[1:])
 
 
 def over_query_blocks(attend, queries, mask: KeyMask, chunk: int):
@@ -180,6 +216,10 @@ class GQAttention(nnx.Module):
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
         return jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v)
+      cache = dict(k=k, v=v)  # returned for a prompt's PrefixKV
+    elif isinstance(cache, PrefixKV):
+      attend = functools.partial(_gqa_prefix_attention, k_rskd=k, v_rskd=v, prefix=cache, scale=softmax_scale(cfg))
+      cache = None
     else:
       cache = dict(k=write_keys_t(cache["k"], k, positions_bt), v=write_cache_heads(cache["v"], v, positions_bt))
       k_all, v_all = cache["k"].astype(dt), cache["v"].astype(dt)
@@ -191,6 +231,20 @@ class GQAttention(nnx.Module):
     """Keys [B, K, Dh, S] and values [B, K, S, Dh] (see _cached_attention)."""
     k, dh = self.cfg.n_kv_heads, self.cfg.head_dim
     return dict(k=jnp.zeros((batch, k, dh, length), dtype), v=jnp.zeros((batch, k, length, dh), dtype))
+
+
+def _gqa_prefix_attention(q_rtkgd, mask_rts, k_rskd, v_rskd, prefix: PrefixKV, scale: float):
+  """GQA of completion queries [R, T, K, G, Dh] over their group's prompt keys (one
+  [G x T, Dh] x [Dh, Tp] product per prompt and head: the prompt's keys are not copied to
+  its G rows) and causally over the row's own keys [R, N, K, Dh]."""
+  pk, pv = prefix.kv["k"], prefix.kv["v"]
+  r, b = q_rtkgd.shape[0], pk.shape[0]
+  scores_p = jnp.einsum("bgtkhd,bskd->bgkhts", by_group(q_rtkgd, b), pk, preferred_element_type=jnp.float32)
+  scores_o = jnp.einsum("btkhd,bskd->bkhts", q_rtkgd, k_rskd, preferred_element_type=jnp.float32)
+  probs_p, probs_o = prefix_softmax(scores_p.reshape((r,) + scores_p.shape[2:]), scores_o, prefix.valid, mask_rts,
+                                    scale)
+  out = jnp.einsum("bgkhts,bskd->bgtkhd", by_group(probs_p.astype(pv.dtype), b), pv).reshape(q_rtkgd.shape)
+  return out + jnp.einsum("bkhts,bskd->btkhd", probs_o.astype(v_rskd.dtype), v_rskd)
 
 
 def _cached_attention(q_btkgd, k_bkds, v_bksd, mask_bts, scale: float):
@@ -211,6 +265,25 @@ def _cached_attention(q_btkgd, k_bkds, v_bksd, mask_bts, scale: float):
   probs = masked_softmax(scores * scale, mask_bts[:, None, None])
   out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_bksd.dtype), v_bksd)
   return jnp.transpose(out, (0, 3, 1, 2, 4))
+
+
+def _mla_prefix_attention(qs, mask_rts, k_nope_rshk, k_rope_rsk, v_rshk, prefix: PrefixKV, scale: float):
+  """MLA of completion queries (q_nope [R, T, H, dn], q_rope [R, T, H, dr]) over their
+  group's prompt (its per-head keys and values, expanded once per prompt) and causally
+  over the row's own tokens."""
+  q_nope, q_rope = qs
+  pkv = prefix.kv
+  r, b = q_nope.shape[0], pkv["v"].shape[0]
+  scores_p = jnp.einsum("bgthk,bshk->bghts", by_group(q_nope, b), pkv["k_nope"], preferred_element_type=jnp.float32)
+  scores_p += jnp.einsum("bgthk,bsk->bghts", by_group(q_rope, b), pkv["k_rope"], preferred_element_type=jnp.float32)
+  scores_o = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope_rshk, preferred_element_type=jnp.float32)
+  scores_o += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope_rsk, preferred_element_type=jnp.float32)
+  probs_p, probs_o = prefix_softmax(scores_p.reshape((r,) + scores_p.shape[2:]), scores_o, prefix.valid, mask_rts,
+                                    scale)
+  pv = pkv["v"]
+  out = jnp.einsum("bghts,bshk->bgthk", by_group(probs_p.astype(pv.dtype), b), pv)
+  out = out.reshape((r,) + out.shape[2:])
+  return out + jnp.einsum("bhts,bshk->bthk", probs_o.astype(v_rshk.dtype), v_rshk)
 
 
 class MLAttention(nnx.Module):
@@ -273,6 +346,11 @@ class MLAttention(nnx.Module):
         probs = masked_softmax(scores * scale, mask_bts[:, None])
         return jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
       out = over_query_blocks(attend, (q_nope, q_rope), mask, cfg.attention_chunk)
+      cache = dict(k_nope=k_nope, k_rope=k_rope, v=v)  # returned for a prompt's PrefixKV
+    elif isinstance(cache, PrefixKV):
+      attend = functools.partial(_mla_prefix_attention, k_nope_rshk=project(c_kv, w_uk), k_rope_rsk=k_rope,
+                                 v_rshk=project(c_kv, w_uv), prefix=cache, scale=scale)
+      out, cache = over_query_blocks(attend, (q_nope, q_rope), mask, cfg.attention_chunk), None
     else:
       cache = dict(c_kv=write_cache(cache["c_kv"], c_kv, positions_bt),
                    k_rope=write_cache(cache["k_rope"], k_rope, positions_bt))

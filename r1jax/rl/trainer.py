@@ -30,7 +30,7 @@ from r1jax.model.logprobs import token_logprobs_from_hidden
 from r1jax.rl import grpo, rewards
 from r1jax.runlog import MetricsLog
 from r1jax.sampling import continuous
-from r1jax.sampling.sampler import expert_parallel_specs, generate, prefill, row_axes
+from r1jax.sampling.sampler import expert_parallel_specs, generate, prompt_positions, row_axes
 
 
 def sequence_batch(prompt_ids, prompt_mask, out, group_size: int) -> dict:
@@ -78,12 +78,14 @@ def prefix_shared_hidden(model, batch, prompt_len: int, group_size: int, forced_
   preceding position, with the prompt run once per group of G rows instead of G times.
 
   The G rows of a group repeat one prompt, so their prompt hidden states are equal. The
-  prompt (one row per group) runs into a KV cache, the cache is copied to the group's
-  rows, and only the completions run against it: the sampler's prefill, differentiated
-  (the copy's gradient sums the G rows' contributions). It does B*Tp + R*N token
-  positions of work instead of R*(Tp + N) (R = B*G), e.g. 17.5% fewer at Tp = 32,
-  N = 128, G = 8; the values equal the whole-row forward's up to float rounding
-  (tests/test_prefix_shared.py). MoE layers keep the training dispatch (sampling_moe=False).
+  prompt (one row per group) runs once and returns each layer's keys and values; the
+  completions run after it, each token attending to its group's prompt keys (shared, not
+  copied to the G rows: one [G x N, Tp] score product per prompt and head) and causally
+  to its own row. Backpropagation sums the G rows' gradients into the prompt's keys. It
+  does B*Tp + R*N token positions of work instead of R*(Tp + N) (R = B*G), e.g. 17.5%
+  fewer at Tp = 32, N = 128, G = 8; the values equal the whole-row forward's up to float
+  rounding (tests/test_prefix_shared.py). This is the idea of Hydragen (Juravsky et al.,
+  2024) / cascade attention, applied to the training forward.
   """
   r, t = batch["tokens"].shape
   g, n = group_size, t - prompt_len
@@ -95,15 +97,16 @@ def prefix_shared_hidden(model, batch, prompt_len: int, group_size: int, forced_
   if forced_lrtk is not None:  # [L, R, T, k]
     forced_p = forced_lrtk.reshape((forced_lrtk.shape[0], b, g) + forced_lrtk.shape[2:])[:, :, 0, :prompt_len]
     forced_c = forced_lrtk[:, :, prompt_len:]
-  h_last_bd, cache, lengths_b, _ = prefill(model, prompt_ids, prompt_seg, t, forced_experts=forced_p,
-                                           sampling_moe=False, return_hidden=True)
-  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=0), cache)
-  # Completion token j of a row sits at position prompt length + j: one slot each, also
-  # past the stop (those tokens are masked out as keys and in the loss).
+  # Left padding: the prompt's real tokens take positions 0 .. length - 1, as in the sampler.
+  h_btd, aux = model(prompt_ids, prompt_positions(prompt_seg, t), prompt_seg, forced_experts=forced_p, mtp=False,
+                     return_hidden=True, return_kv=True)
+  # Completion token j of a row sits at position prompt length + j: one each, also past
+  # the stop (those tokens are masked out as keys and in the loss).
+  lengths_b = prompt_seg.sum(axis=1).astype(jnp.int32)
   pos_c = jnp.repeat(lengths_b, g)[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
   h_rnd, _ = model(batch["tokens"][:, prompt_len:], pos_c, batch["segment_ids"][:, prompt_len:],
-                   cache=cache, forced_experts=forced_c, sampling_moe=False, return_hidden=True)
-  return jnp.concatenate([jnp.repeat(h_last_bd[:, None], g, axis=0), h_rnd[:, :-1]], axis=1)
+                   cache=aux["prompt"], forced_experts=forced_c, return_hidden=True)
+  return jnp.concatenate([jnp.repeat(h_btd[:, -1:], g, axis=0), h_rnd[:, :-1]], axis=1)
 
 
 def shared_prefix_group(rl, rows: int) -> int:

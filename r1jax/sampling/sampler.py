@@ -81,25 +81,19 @@ def merge_model(graphdef, state):
   return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
 
 
-def prefill(model, prompt_ids_bt, prompt_mask_bt, cache_len: int, forced_experts=None, sampling_moe=True,
-            return_hidden=False):
+def prefill(model, prompt_ids_bt, prompt_mask_bt, cache_len: int, forced_experts=None):
   """Runs the prompts into a fresh cache of cache_len slots.
 
   Returns (logits_bv of the last prompt token, cache, prompt lengths [B], prompt experts
   [L, B, Tp, k] or None). Left padding: the last column is the last real token.
-  forced_experts / sampling_moe: as the model takes them (the GRPO update's differentiated
-  prefill, r1jax.rl.trainer.prefix_shared_hidden, replays experts with the training
-  MoE dispatch). return_hidden=True: the last token's final-normed hidden state [B, D]
-  in place of its logits (that update projects it with the completions' states).
   """
   b, _ = prompt_ids_bt.shape
   pos_bt = prompt_positions(prompt_mask_bt, cache_len)
   h_btd, aux = model(prompt_ids_bt, pos_bt, prompt_mask_bt, cache=model.init_cache(b, cache_len),
-                     forced_experts=forced_experts, sampling_moe=sampling_moe, return_hidden=True)
+                     forced_experts=forced_experts, return_hidden=True)
   lengths_b = prompt_mask_bt.sum(axis=1).astype(jnp.int32)
   # Only the last position's logits are used: no [B, Tp, V] projection.
-  last = h_btd[:, -1] if return_hidden else model.head(h_btd[:, -1:])[:, 0]
-  return last, aux["cache"], lengths_b, aux["experts"]
+  return model.head(h_btd[:, -1:])[:, 0], aux["cache"], lengths_b, aux["experts"]
 
 
 # --- The decode state and one decode step, shared by plain and continuous batching ----
