@@ -48,6 +48,7 @@ from r1jax.model.moe import MoE
 # rerun either way.
 REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
+
 class SharedPrompt(NamedTuple):
   """B prompts' keys and values, from their forward with return_kv=True (aux["prompt"]):
   layers[i] is layer i's (attention.PrefixKV.kv), valid [B, Tp] their real tokens."""
