@@ -288,6 +288,13 @@ def grpo_row_split_problems(config) -> list[str]:
           f"choose values whose product divides {rows}"]
 
 
+def refuse_stage_problems(stage: str, problems: list[str]) -> None:
+  """Raises ConfigError with a stage's first problem, if any. A stage re-runs its own
+  checks when it starts: a pipeline's per_stage overrides arrive after validate()."""
+  if problems:
+    raise ConfigError(f"[{stage}] {problems[0]}")
+
+
 def train_row_split_problems(config) -> list[str]:
   """A pretrain / sft step splits its batch_size rows (reward_model: pairs) into
   train.microbatches equal passes; also checked when a pipeline's stage starts

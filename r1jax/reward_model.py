@@ -262,9 +262,7 @@ def run(config, workdir: str, init_from: str | None = None) -> dict:
   """Trains the reward model for config.train.steps steps; resumable; returns the summary."""
   from r1jax import optim  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
-  problems = config_lib.train_row_split_problems(config)  # a pipeline stage's own overrides
-  if problems:
-    raise config_lib.ConfigError(f"[reward_model] {problems[0]}")
+  config_lib.refuse_stage_problems("reward_model", config_lib.train_row_split_problems(config))
   steps, t, template = config.train.steps, config.train.seq_len, config.data.template
   tx = optim.make_optimizer(config.optim, steps)
   st = open_stage(config, workdir, tx, init_from)

@@ -32,11 +32,16 @@ def next_token_mask(batch, shift: int = 1):
   return batch["loss_mask"][:, shift:].astype(jnp.float32) * same
 
 
+def rows_with_tokens(batch):
+  """How many rows hold any token: the rows the sequence-wise balance loss averages over."""
+  return jnp.any(batch["segment_ids"] > 0, axis=-1).sum()
+
+
 def loss_totals(batch, mtp_depth: int = 0) -> dict:
   """The normalisers of lm_loss's terms over a whole batch, for a pass over part of it:
   target tokens, rows with any token (the balance loss is a mean over sequences) and,
   per MTP depth, that depth's target tokens."""
-  totals = dict(tokens=next_token_mask(batch).sum(), rows=jnp.any(batch["segment_ids"] > 0, axis=-1).sum())
+  totals = dict(tokens=next_token_mask(batch).sum(), rows=rows_with_tokens(batch))
   if mtp_depth:
     totals["mtp_tokens"] = jnp.stack([next_token_mask(batch, j + 2).sum() for j in range(mtp_depth)])
   return totals
@@ -59,8 +64,7 @@ def lm_loss(model, batch, mtp_weight: float = 0.0, totals=None):
   if "balance_loss" in aux:  # complementary sequence-wise balance loss (DeepSeek-V3 eq. 17)
     balance = aux["balance_loss"]  # a mean over this batch's rows with tokens
     if totals is not None:
-      rows = jnp.any(batch["segment_ids"] > 0, axis=-1).sum()
-      balance = balance * rows / jnp.maximum(totals["rows"], 1)
+      balance = balance * rows_with_tokens(batch) / jnp.maximum(totals["rows"], 1)
     metrics["balance_loss"] = balance
     loss = loss + balance
   # The MTP head's logits stay whole even with model.logits_chunk: the model returns them
@@ -164,9 +168,7 @@ def run(config, stage_name: str, workdir: str, init_from: str | None = None) -> 
   from r1jax.eval import evaluate_stage  # pylint: disable=import-outside-toplevel
   from r1jax.runlog import MetricsLog  # pylint: disable=import-outside-toplevel
 
-  problems = config_lib.train_row_split_problems(config)  # a pipeline stage's own overrides
-  if problems:
-    raise config_lib.ConfigError(f"[{stage_name}] {problems[0]}")
+  config_lib.refuse_stage_problems(stage_name, config_lib.train_row_split_problems(config))
   steps = config.train.steps
   tx = optim.make_optimizer(config.optim, steps)
   st = session.open_stage(config, stage_name, workdir, tx, init_from)

@@ -271,9 +271,7 @@ def score_groups(weights, fns, examples, texts, group_size: int):
 
 def run(config, workdir: str, init_from: str | None = None) -> dict:
   """Runs GRPO for config.train.steps steps; resumable; returns the stage summary."""
-  problems = config_lib.grpo_row_split_problems(config)  # a pipeline stage's own overrides
-  if problems:
-    raise config_lib.ConfigError(f"[grpo] {problems[0]}")
+  config_lib.refuse_stage_problems("grpo", config_lib.grpo_row_split_problems(config))
   rl, steps = config.rl, config.train.steps
   prompt_len = config.train.seq_len - rl.max_new_tokens
   rewards.configure(timeout_s=rl.reward_timeout, n_workers=rl.reward_workers)
