@@ -46,13 +46,39 @@ def create_model(cfg: ModelConfig, seed: int, mesh=None, rules=parallel.TRAIN_RU
 
 
 def create_state(model: Transformer, tx: optax.GradientTransformation):
-  """(graphdef, TrainState). Optimizer state is created with the params' shardings
-  (jit follows the input shardings of zeros_like-style initialisers)."""
+  """(graphdef, TrainState), the optimizer state sharded as the params (`opt_shardings`)."""
   graphdef, params, other = split_model(model)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(params, tx))(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, other=other,
                      opt_state=opt_state, nonfinite_run=jnp.zeros((), jnp.int32))
   return graphdef, replicate_unsharded(state)
+
+
+def opt_shardings(params, tx: optax.GradientTransformation):
+  """Shardings of tx.init(params): each moment as its parameter, the rest (step counts)
+  replicated; None when the params are on no mesh.
+
+  Left to jit, the moments came out replicated (zeros do not depend on the params, so
+  XLA's propagation has nothing to follow): on an (fsdp 4, expert 2) mesh every device
+  held all of AdamW's m and v, and the jitted steps, which keep the state's shardings,
+  kept them so. A moment is an nnx.Param with its parameter's `axes` and shape, and two
+  parameters with the same axes and shape get the same sharding under any rules, so
+  the lookup is by (axes, shape)."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  placed = {}
+  for var in jax.tree.leaves(params, is_leaf=is_var):
+    value = var.get_value()
+    if isinstance(value.sharding, NamedSharding):
+      placed[(var.get_metadata().get("axes"), value.shape)] = value.sharding
+  if not placed:
+    return None
+  replicated = NamedSharding(next(iter(placed.values())).mesh, PartitionSpec())
+
+  def one(leaf):
+    if is_var(leaf):
+      return placed.get((leaf.get_metadata().get("axes"), leaf.get_value().shape), replicated)
+    return replicated
+  return jax.tree.map(one, jax.eval_shape(tx.init, params), is_leaf=is_var)
 
 
 def replicate_unsharded(tree):

@@ -70,6 +70,27 @@ def test_per_device_parameter_bytes_fall_as_mesh_grows():
   assert per_device[3] < per_device[0], per_device
 
 
+def _device0_bytes(tree) -> int:
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2, 1), (2, 1, 2, 2)])
+def test_optimizer_moments_are_sharded_like_their_parameters(mesh_shape):
+  """AdamW's m and v take no more room on a device than the parameters do, twice (they
+  came out of create_state replicated: every device held all of both)."""
+  mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
+  tx = optim.make_optimizer(config_lib.default_config().optim, 10)
+  graphdef, state = state_lib.create_state(state_lib.create_model(MOE_MLA, seed=0, mesh=mesh), tx)
+  params = _device0_bytes(state.params)
+  assert params < sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2  # the mesh does split them
+  assert _device0_bytes(state.opt_state) <= 2 * params + 64  # + the step counts
+  # The trainer's jitted steps keep these shardings (in_shardings = out_shardings).
+  step = jax.jit(sft.make_step(graphdef, tx, bias_rate=0.01))
+  new_state, _ = step(state, jax.device_put(_batch(), parallel.batch_sharding(mesh, 2)))
+  for new, old in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(state.opt_state)):
+    assert new.sharding.is_equivalent_to(old.sharding, new.ndim), (new.sharding, old.sharding)
+
+
 def test_logical_rules_map_to_mesh_axes():
   mesh = parallel.make_mesh(dict(data=1, fsdp=2, expert=2, tensor=2))
   assert parallel.logical_to_spec(("experts", "embed", "expert_mlp"), mesh=mesh) == \
