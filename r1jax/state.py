@@ -81,6 +81,22 @@ def opt_shardings(params, tx: optax.GradientTransformation):
   return jax.tree.map(one, jax.eval_shape(tx.init, params), is_leaf=is_var)
 
 
+def device_bytes(tree) -> int:
+  """Bytes of the tree's arrays held on this process's first device."""
+  device = jax.local_devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+def describe_memory(state: TrainState) -> str:
+  """What the state holds on one device, e.g. for a stage's first line: a sharding that
+  went wrong (a replicated optimizer state on an fsdp mesh) shows here first."""
+  def size(tree):
+    n = device_bytes(tree)
+    unit = next((u for u, p in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 2**p), "B")
+    return f"{n / 2**dict(GiB=30, MiB=20, KiB=10, B=0)[unit]:,.1f} {unit}"
+  return f"params {size(state.params)}, optimizer {size(state.opt_state)} on each device"
+
+
 def replicate_unsharded(tree):
   """Puts every leaf not already on the params' mesh (step counters, optimizer counts)
   on it, replicated, so a jitted step sees one device set."""

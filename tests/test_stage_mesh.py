@@ -1,6 +1,8 @@
 """Stage loops trace their steps under the mesh: with mesh.expert > 1 the MoE layers of a
 real training stage run expert-parallel (shard_map + all_to_all), not only in unit tests."""
 
+import re
+
 import numpy as np
 
 from r1jax import config as config_lib
@@ -61,7 +63,14 @@ def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch
   # prefill alone would route 8 x 28 = 224 tokens on every device.
   assert {(28, 64), (2, 64)} <= set(ep_calls) and max(s[0] for s in ep_calls) <= 28, sorted(set(ep_calls))
   assert 0 <= summary["final_accuracy"] <= 1
-  assert "[grpo] rollouts: 8 prompts split over 8 devices, routed experts split over expert=2" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "[grpo] rollouts: 8 prompts split over 8 devices, routed experts split over expert=2" in out
+  # The stage's first line says what the state holds on a device: AdamW's two moments
+  # take twice the params, no more (they were once replicated on every device).
+  m = re.search(r"\[grpo\] state: params ([\d.]+) KiB, optimizer ([\d.]+) KiB on each device "
+                r"\(mesh data=4 fsdp=1 expert=2 tensor=1\)", out)
+  assert m, out
+  assert float(m.group(2)) <= 2 * float(m.group(1)) + 0.2, m.group(0)
 
 
 def test_grpo_continuous_batching_splits_over_the_mesh(tmp_path, monkeypatch, capsys):
