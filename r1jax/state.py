@@ -88,7 +88,7 @@ def device_bytes(tree) -> int:
 
 
 def describe_memory(state: TrainState) -> str:
-  """What the state holds on one device, e.g. for a stage's first line: a sharding that
+  """What the state holds on one device (each stage prints it before its first step): a sharding that
   went wrong (a replicated optimizer state on an fsdp mesh) shows here first."""
   def size(tree):
     n = device_bytes(tree)

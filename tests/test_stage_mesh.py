@@ -65,7 +65,7 @@ def test_grpo_rollouts_split_over_the_mesh_expert_parallel(tmp_path, monkeypatch
   assert 0 <= summary["final_accuracy"] <= 1
   out = capsys.readouterr().out
   assert "[grpo] rollouts: 8 prompts split over 8 devices, routed experts split over expert=2" in out
-  # The stage's first line says what the state holds on a device: AdamW's two moments
+  # Before its first step the stage says what its state holds on a device: AdamW's two moments
   # take twice the params, no more (they were once replicated on every device).
   m = re.search(r"\[grpo\] state: params ([\d.]+) KiB, optimizer ([\d.]+) KiB on each device "
                 r"\(mesh data=4 fsdp=1 expert=2 tensor=1\)", out)
