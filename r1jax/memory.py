@@ -365,11 +365,7 @@ def check(config, est: dict, mesh_shape, memory) -> None:
     problems.append(f"it needs ~{est['total'] / GIB:,.1f} GiB per device, more than the "
                     f"{memory / GIB:,.1f} GiB available (largest: {terms})")
   if problems:
-    raise Misfit(f"mesh {_mesh_text(mesh_shape)} cannot run this config: " + "; and ".join(problems))
-
-
-def _mesh_text(mesh_shape) -> str:
-  return " ".join(f"{a}={s}" for a, s in zip(parallel.MESH_AXES, mesh_shape))
+    raise Misfit(f"mesh {parallel.mesh_text(mesh_shape)} cannot run this config: " + "; and ".join(problems))
 
 
 def report(config, n_devices: int | None = None, device_memory_gib: float | None = None) -> int:
@@ -383,7 +379,7 @@ def report(config, n_devices: int | None = None, device_memory_gib: float | None
     return 2
   n = int(np.prod(mesh_shape))
   print(f"model: {est['total_params'] / 1e9:.2f}B parameters; stage {config.stage}; "
-        f"mesh {_mesh_text(mesh_shape)} ({n} devices)")
+        f"mesh {parallel.mesh_text(mesh_shape)} ({n} devices)")
   for note in est["notes"]:
     print(note)
   print(f"{'per device':<42} {'GiB':>12}")

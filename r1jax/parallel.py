@@ -283,6 +283,11 @@ def rollouts_split(sizes, n_prompts: int) -> bool:
   return 1 < shards <= n_prompts
 
 
+def mesh_text(sizes) -> str:
+  """"data=2 fsdp=4 expert=1 tensor=1" for mesh sizes in MESH_AXES order."""
+  return " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading dimension over the batch axes, the rest replicated."""
   axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)

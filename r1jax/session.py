@@ -112,8 +112,8 @@ def open_stage(config, name: str, workdir: str, tx, init_from: str | None = None
     state = state.replace(params=params)
     print(f"[{name}] initialised from {init_from}", flush=True)
   write_config(config, workdir)
-  shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
-  print(f"[{name}] state: {state_lib.describe_memory(state)} (mesh {shape})", flush=True)
+  sizes = [mesh.shape[a] for a in parallel.MESH_AXES]
+  print(f"[{name}] state: {state_lib.describe_memory(state)} (mesh {parallel.mesh_text(sizes)})", flush=True)
   return Stage(config, name, workdir, mesh, tok, graphdef, state, tx, mgr, data_state, start)
 
 

@@ -92,8 +92,8 @@ def describe_memory(state: TrainState) -> str:
   went wrong (a replicated optimizer state on an fsdp mesh) shows here first."""
   def size(tree):
     n = device_bytes(tree)
-    unit = next((u for u, p in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 2**p), "B")
-    return f"{n / 2**dict(GiB=30, MiB=20, KiB=10, B=0)[unit]:,.1f} {unit}"
+    unit, bits = next(((u, b) for u, b in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 2**b), ("B", 0))
+    return f"{n / 2**bits:,.1f} {unit}"
   return f"params {size(state.params)}, optimizer {size(state.opt_state)} on each device"
 
 

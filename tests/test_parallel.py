@@ -70,10 +70,6 @@ def test_per_device_parameter_bytes_fall_as_mesh_grows():
   assert per_device[3] < per_device[0], per_device
 
 
-def _device0_bytes(tree) -> int:
-  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
-
-
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 2, 1), (2, 1, 2, 2)])
 def test_optimizer_moments_are_sharded_like_their_parameters(mesh_shape):
   """AdamW's m and v take no more room on a device than the parameters do, twice (they
@@ -81,9 +77,9 @@ def test_optimizer_moments_are_sharded_like_their_parameters(mesh_shape):
   mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
   tx = optim.make_optimizer(config_lib.default_config().optim, 10)
   graphdef, state = state_lib.create_state(state_lib.create_model(MOE_MLA, seed=0, mesh=mesh), tx)
-  params = _device0_bytes(state.params)
+  params = state_lib.device_bytes(state.params)
   assert params < sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2  # the mesh does split them
-  assert _device0_bytes(state.opt_state) <= 2 * params + 64  # + the step counts
+  assert state_lib.device_bytes(state.opt_state) <= 2 * params + 64  # + the step counts
   # The trainer's jitted steps keep these shardings (in_shardings = out_shardings).
   step = jax.jit(sft.make_step(graphdef, tx, bias_rate=0.01))
   new_state, _ = step(state, jax.device_put(_batch(), parallel.batch_sharding(mesh, 2)))
