@@ -46,3 +46,26 @@ def test_project_bf16_operands_give_gradients_in_each_inputs_dtype():
   assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32), rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(dw, want_dw, rtol=2e-2, atol=2e-2)
+
+
+def test_project_fp32_product_of_bf16_operands_equals_einsum_with_preferred_type():
+  """The head's form: bf16 hidden states and weights, fp32 logits. Value and gradients
+  must be the einsum's with preferred_element_type=fp32 (the fp32 cotangent reaches dw
+  uncast, so dw is as close as autodiff's, not bf16-rounded)."""
+  x = jax.random.normal(jax.random.key(3), (2, 5, 16), jnp.bfloat16)
+  w32 = jax.random.normal(jax.random.key(4), (16, 24))
+  r = jax.random.normal(jax.random.key(5), (2, 5, 24))
+
+  def f(x, w32, fn):
+    y = fn(x, w32.astype(jnp.bfloat16))
+    assert y.dtype == jnp.float32
+    return jnp.sum(jax.nn.log_softmax(y) * r)
+
+  got = jax.jit(jax.value_and_grad(lambda x, w: f(x, w, lambda a, b: project(a, b, out_dtype=jnp.float32)),
+                                   argnums=(0, 1)))(x, w32)
+  want = jax.jit(jax.value_and_grad(lambda x, w: f(x, w, lambda a, b: jnp.einsum(
+      "btd,dv->btv", a, b, preferred_element_type=jnp.float32)), argnums=(0, 1)))(x, w32)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got[1][0], np.float32), np.asarray(want[1][0], np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-5, atol=1e-5)

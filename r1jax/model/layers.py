@@ -49,10 +49,11 @@ class RMSNorm(nnx.Module):
 # --- Projections ---------------------------------------------------------------------
 
 
-def project(x, w, n_in: int = 1):
+def project(x, w, n_in: int = 1, out_dtype=None):
   """x [..., *in] contracted with w [*in, *out] -> [..., *out], its last n_in axes with
   w's first n_in: every weight matmul of the model ("btd,dhk->bthk" is n_in=1,
-  "bthk,hkd->btd" is n_in=2).
+  "bthk,hkd->btd" is n_in=2). out_dtype: the product's dtype when it is not x's (the
+  head's fp32 logits from bf16 weights: accumulated and returned in fp32).
 
   The value is the einsum's. What differs is the backward pass (`_project_bwd`): the
   weight gradient is written as x^T @ dy over flattened rows. Left to autodiff, XLA:CPU
@@ -61,23 +62,24 @@ def project(x, w, n_in: int = 1):
   fusion took 16% of a GRPO update on CPU, and a SwiGLU MLP's forward + backward ran at
   49% of the matmul ceiling where this form runs at 82% (bench/NOTES.md).
   """
-  return _project(x, w, n_in)
+  return _project(x, w, n_in, None if out_dtype is None else jnp.dtype(out_dtype))
 
 
-def _contract(x, w, n_in):
-  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+def _contract(x, w, n_in, out_dtype):
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                             preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project(x, w, n_in):
-  return _contract(x, w, n_in)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _project(x, w, n_in, out_dtype):
+  return _contract(x, w, n_in, out_dtype)
 
 
-def _project_fwd(x, w, n_in):
-  return _contract(x, w, n_in), (x, w)
+def _project_fwd(x, w, n_in, out_dtype):
+  return _contract(x, w, n_in, out_dtype), (x, w)
 
 
-def _project_bwd(n_in, res, dy):
+def _project_bwd(n_in, out_dtype, res, dy):
   x, w = res
   n_out = w.ndim - n_in
   # dx = dy . w^T over the output axes; dw = x^T . dy over every row.
@@ -85,7 +87,9 @@ def _project_bwd(n_in, res, dy):
                                    ((), ())))
   x_2d = x.reshape(-1, math.prod(w.shape[:n_in]))
   dy_2d = dy.reshape(-1, math.prod(w.shape[n_in:]))
-  dw = (x_2d.T @ dy_2d.astype(x_2d.dtype)).reshape(w.shape)
+  # An fp32 product (out_dtype) keeps its fp32 cotangent for dw, as autodiff of the
+  # einsum with preferred_element_type would.
+  dw = (x_2d.T @ (dy_2d if out_dtype is not None else dy_2d.astype(x_2d.dtype))).reshape(w.shape)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

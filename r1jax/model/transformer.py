@@ -37,7 +37,7 @@ from flax import nnx
 from r1jax.model.attention import KeyMask, PrefixKV, make_attention, rope_tables
 from r1jax.model.cached_moe import cached_moe
 from r1jax.model.config import ModelConfig
-from r1jax.model.layers import MLP, RMSNorm, dtype_of, param
+from r1jax.model.layers import MLP, RMSNorm, dtype_of, param, project
 from r1jax.model.moe import MoE
 
 # model.remat -> the jax.checkpoint policy of each block in a differentiated forward:
@@ -121,7 +121,7 @@ class Transformer(nnx.Module):
     """fp32 logits: the log-probs that enter GRPO ratios and KL must be fp32."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     dt = dtype_of(self.cfg.dtype)
-    return jnp.einsum("btd,dv->btv", x_btd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    return project(x_btd.astype(dt), w.astype(dt), out_dtype=jnp.float32)
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
                forced_experts=None, mtp=None, return_hidden=False, return_kv=False):
