@@ -102,23 +102,44 @@ class PrefixKV(NamedTuple):
   valid: jax.Array
 
 
-def prefix_softmax(scores_p, scores_o, valid_bs, mask_rts, scale: float):
-  """One softmax over a query's prompt keys and its own row's keys.
+def with_prompt(prefix: PrefixKV, own_kv: dict, mask_rts):
+  """Each row's keys and values preceded by its group's prompt's, and the mask to match.
 
-  scores_p [R, ..., T, Tp] against the group's prompt, scores_o [R, ..., T, N] against the
-  row's own tokens (the same head dims ...); valid_bs [B, Tp] with R = B x G rows;
-  mask_rts [R, T, N]. Returns the probabilities split the same way, fp32."""
-  r, t, tp = scores_p.shape[0], scores_p.shape[-2], scores_p.shape[-1]
-  valid_rts = jnp.broadcast_to(jnp.repeat(valid_bs, r // valid_bs.shape[0], axis=0)[:, None, :], (r, t, tp))
-  mask = jnp.concatenate([valid_rts, mask_rts], axis=-1)
-  mask = mask.reshape(r, *(1,) * (scores_p.ndim - 3), t, mask.shape[-1])
-  probs = masked_softmax(jnp.concatenate([scores_p, scores_o], axis=-1) * scale, mask)
-  return probs[..., :tp], probs[..., tp:]
+  prefix.kv [B, Tp, ...] per prompt, own_kv [R, N, ...] per row (R = B x G rows, the G
+  rows of a prompt consecutive), mask_rts [R, T, N]. Returns ({name: [R, Tp + N, ...]},
+  mask [R, T, Tp + N]). The prompt's forward ran once per group; only its keys and values
+  (Tp tokens a layer) are copied to the G rows, so the attention is one product per row
+  over all the keys it sees, with no score-sized concatenation or slicing (each costs a
+  copy of the [T, Tp + N] scores per head, in the forward and again in the backward)."""
+  r, b = mask_rts.shape[0], prefix.valid.shape[0]
+  kv = {name: jnp.concatenate([jnp.repeat(prefix.kv[name], r // b, axis=0), x], axis=1)
+        for name, x in own_kv.items()}
+  valid_rs = jnp.repeat(prefix.valid, r // b, axis=0)
+  t, tp = mask_rts.shape[1], valid_rs.shape[1]
+  return kv, jnp.concatenate([jnp.broadcast_to(valid_rs[:, None, :], (r, t, tp)), mask_rts], axis=-1)
 
 
-def by_group(x_r, b: int):
-  """[R, ...] -> [B, G, ...]: the rows of each prompt's group together (R = B x G)."""
-  return x_r.reshape((b, x_r.shape[0] // b) + x_r.shape[1:])
+def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
+  """Softmax attention of queries [B, T, K, G, Dq] (G query heads per key / value head)
+  over keys [B, S, K, Dq] and values [B, S, K, Dv]; mask [B, T, S]. Returns
+  [B, T, K, G, Dv].
+
+  Why the reshapes: the products run as 3-D batched matmuls over N = B x K, with the
+  queries' (T, G) as one row axis. XLA:CPU runs those on its operands as laid out, with
+  either contraction axis, so only q, k, v and the output are transposed, in the forward
+  and the backward. A 5-D einsum with batch axes (b, k) and free axes (g, t) made it
+  transpose the [T, S] probabilities and their gradients as well: ~60 MB of copies a
+  layer in a GRPO update pass of 16 rows, against ~15 MB this way (bench/NOTES.md,
+  session 14)."""
+  b, t, k, g, dq = q_btkgd.shape
+  s, dv = k_bskd.shape[1], v_bskd.shape[-1]
+  q_nqd = jnp.transpose(q_btkgd, (0, 2, 1, 3, 4)).reshape(b * k, t * g, dq)
+  k_nsd = jnp.transpose(k_bskd, (0, 2, 1, 3)).reshape(b * k, s, dq)
+  v_nsd = jnp.transpose(v_bskd, (0, 2, 1, 3)).reshape(b * k, s, dv)
+  scores = jnp.einsum("nqd,nsd->nqs", q_nqd, k_nsd, preferred_element_type=jnp.float32)
+  probs = masked_softmax(scores.reshape(b, k, t, g, s) * scale, mask_bts[:, None, :, None, :])
+  out = jnp.einsum("nqs,nsd->nqd", probs.reshape(b * k, t * g, s).astype(v_nsd.dtype), v_nsd)
+  return jnp.transpose(out.reshape(b, k, t, g, dv), (0, 2, 1, 3, 4))
 
 
 def over_query_blocks(attend, queries, mask: KeyMask, chunk: int):
@@ -212,10 +233,7 @@ class GQAttention(nnx.Module):
     n_kv = cfg.n_kv_heads
     q = q.reshape(b, t, n_kv, h // n_kv, dh)
     if cache is None:
-      def attend(q, mask_bts):
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores * softmax_scale(cfg), mask_bts[:, None, None])
-        return jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v)
+      attend = lambda q, mask_bts: attention(q, k, v, mask_bts, softmax_scale(cfg))
       cache = dict(k=k, v=v)  # returned for a prompt's PrefixKV
     elif isinstance(cache, PrefixKV):
       attend = functools.partial(_gqa_prefix_attention, k_rskd=k, v_rskd=v, prefix=cache, scale=softmax_scale(cfg))
@@ -234,17 +252,10 @@ class GQAttention(nnx.Module):
 
 
 def _gqa_prefix_attention(q_rtkgd, mask_rts, k_rskd, v_rskd, prefix: PrefixKV, scale: float):
-  """GQA of completion queries [R, T, K, G, Dh] over their group's prompt keys (one
-  [G x T, Dh] x [Dh, Tp] product per prompt and head: the prompt's keys are not copied to
-  its G rows) and causally over the row's own keys [R, N, K, Dh]."""
-  pk, pv = prefix.kv["k"], prefix.kv["v"]
-  r, b = q_rtkgd.shape[0], pk.shape[0]
-  scores_p = jnp.einsum("bgtkhd,bskd->bgkhts", by_group(q_rtkgd, b), pk, preferred_element_type=jnp.float32)
-  scores_o = jnp.einsum("btkhd,bskd->bkhts", q_rtkgd, k_rskd, preferred_element_type=jnp.float32)
-  probs_p, probs_o = prefix_softmax(scores_p.reshape((r,) + scores_p.shape[2:]), scores_o, prefix.valid, mask_rts,
-                                    scale)
-  out = jnp.einsum("bgkhts,bskd->bgtkhd", by_group(probs_p.astype(pv.dtype), b), pv).reshape(q_rtkgd.shape)
-  return out + jnp.einsum("bkhts,bskd->btkhd", probs_o.astype(v_rskd.dtype), v_rskd)
+  """GQA of completion queries [R, T, K, G, Dh] over their group's prompt's keys and,
+  causally, their own row's [R, N, K, Dh]."""
+  kv, mask = with_prompt(prefix, dict(k=k_rskd, v=v_rskd), mask_rts)
+  return attention(q_rtkgd, kv["k"], kv["v"], mask, scale)
 
 
 def _cached_attention(q_btkgd, k_bkds, v_bksd, mask_bts, scale: float):
@@ -267,23 +278,25 @@ def _cached_attention(q_btkgd, k_bkds, v_bksd, mask_bts, scale: float):
   return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
+def _mla_keys(k_nope_bshk, k_rope_bsk):
+  """MLA's per-head keys [B, S, H, dn + dr]: each head's no-RoPE part and the one RoPE key
+  all heads share (DeepSeek-V2 eq. 17), so q . k = q_nope . k_nope + q_rope . k_rope."""
+  k_rope = jnp.broadcast_to(k_rope_bsk[:, :, None, :], k_nope_bshk.shape[:3] + k_rope_bsk.shape[-1:])
+  return jnp.concatenate([k_nope_bshk, k_rope], axis=-1)
+
+
+def _mla_attention(qs, mask_bts, k_nope_bshk, k_rope_bsk, v_bshk, scale: float):
+  """Attention of MLA's queries (q_nope [B, T, H, dn], q_rope [B, T, H, dr]) over per-head
+  keys and values [B, S, H, dv] (every head its own key head: K = H, G = 1)."""
+  q = jnp.concatenate(qs, axis=-1)[:, :, :, None, :]
+  return attention(q, _mla_keys(k_nope_bshk, k_rope_bsk), v_bshk, mask_bts, scale)[:, :, :, 0, :]
+
+
 def _mla_prefix_attention(qs, mask_rts, k_nope_rshk, k_rope_rsk, v_rshk, prefix: PrefixKV, scale: float):
-  """MLA of completion queries (q_nope [R, T, H, dn], q_rope [R, T, H, dr]) over their
-  group's prompt (its per-head keys and values, expanded once per prompt) and causally
-  over the row's own tokens."""
-  q_nope, q_rope = qs
-  pkv = prefix.kv
-  r, b = q_nope.shape[0], pkv["v"].shape[0]
-  scores_p = jnp.einsum("bgthk,bshk->bghts", by_group(q_nope, b), pkv["k_nope"], preferred_element_type=jnp.float32)
-  scores_p += jnp.einsum("bgthk,bsk->bghts", by_group(q_rope, b), pkv["k_rope"], preferred_element_type=jnp.float32)
-  scores_o = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope_rshk, preferred_element_type=jnp.float32)
-  scores_o += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope_rsk, preferred_element_type=jnp.float32)
-  probs_p, probs_o = prefix_softmax(scores_p.reshape((r,) + scores_p.shape[2:]), scores_o, prefix.valid, mask_rts,
-                                    scale)
-  pv = pkv["v"]
-  out = jnp.einsum("bghts,bshk->bgthk", by_group(probs_p.astype(pv.dtype), b), pv)
-  out = out.reshape((r,) + out.shape[2:])
-  return out + jnp.einsum("bhts,bshk->bthk", probs_o.astype(v_rshk.dtype), v_rshk)
+  """MLA of completion queries over their group's prompt (its per-head keys and values,
+  expanded once per prompt) and, causally, their own row's tokens."""
+  kv, mask = with_prompt(prefix, dict(k_nope=k_nope_rshk, k_rope=k_rope_rsk, v=v_rshk), mask_rts)
+  return _mla_attention(qs, mask, kv["k_nope"], kv["k_rope"], kv["v"], scale)
 
 
 class MLAttention(nnx.Module):
@@ -339,12 +352,7 @@ class MLAttention(nnx.Module):
       k_nope = project(c_kv, w_uk)
       v = project(c_kv, w_uv)
 
-      def attend(qs, mask_bts):
-        q_nope, q_rope = qs
-        scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores * scale, mask_bts[:, None])
-        return jnp.einsum("bhts,bshk->bthk", probs.astype(dt), v)
+      attend = functools.partial(_mla_attention, k_nope_bshk=k_nope, k_rope_bsk=k_rope, v_bshk=v, scale=scale)
       out = over_query_blocks(attend, (q_nope, q_rope), mask, cfg.attention_chunk)
       cache = dict(k_nope=k_nope, k_rope=k_rope, v=v)  # returned for a prompt's PrefixKV
     elif isinstance(cache, PrefixKV):
