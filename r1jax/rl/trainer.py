@@ -79,9 +79,9 @@ def prefix_shared_hidden(model, batch, prompt_len: int, group_size: int, forced_
 
   The G rows of a group repeat one prompt, so their prompt hidden states are equal. The
   prompt (one row per group) runs once and returns each layer's keys and values; the
-  completions run after it, each token attending to its group's prompt keys (shared, not
-  copied to the G rows: one [G x N, Tp] score product per prompt and head) and causally
-  to its own row. Backpropagation sums the G rows' gradients into the prompt's keys. It
+  completions run after it, each token attending to its group's prompt keys (copied to
+  the G rows, Tp keys a layer: attention.with_prompt) and causally to its own row.
+  Backpropagation sums the G rows' gradients into the prompt's keys. It
   does B*Tp + R*N token positions of work instead of R*(Tp + N) (R = B*G), e.g. 17.5%
   fewer at Tp = 32, N = 128, G = 8; the values equal the whole-row forward's up to float
   rounding (tests/test_prefix_shared.py). This is the idea of Hydragen (Juravsky et al.,
