@@ -129,7 +129,7 @@ def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
   either contraction axis, so only q, k, v and the output are transposed, in the forward
   and the backward. A 5-D einsum with batch axes (b, k) and free axes (g, t) made it
   transpose the [T, S] probabilities and their gradients as well: ~60 MB of copies a
-  layer in a GRPO update pass of 16 rows, against ~15 MB this way (bench/NOTES.md,
+  layer in a GRPO update pass of 16 rows, against ~22 MB this way (bench/NOTES.md,
   session 14)."""
   b, t, k, g, dq = q_btkgd.shape
   s, dv = k_bskd.shape[1], v_bskd.shape[-1]

@@ -85,9 +85,8 @@ def _rows_last(x_nd):
   On CPU the transpose is made real, here in the forward pass while x is still in cache.
   Left to itself XLA folds it into the dot, and a dot that contracts its left operand's
   leading (row) axis runs on Eigen at ~330 GFLOP/s where YNNPACK's runs the same product
-  from x^T at ~440 (a [2048, 256]^T x [2048, 512] product on the AVX-512 machine); the
-  dense GRPO update's 68 weight gradients took 3.5% less time with this (bench/NOTES.md,
-  session 14). The barrier stops the folding. Other backends read transposed operands
+  from x^T at ~440 (a [2048, 256]^T x [2048, 512] product on the AVX-512 machine); with
+  this the dense GRPO update took 3.5% less time (bench/NOTES.md, session 14). The barrier stops the folding. Other backends read transposed operands
   natively, so there the transpose stays foldable."""
   x_dn = x_nd.T
   return jax.lax.optimization_barrier(x_dn) if jax.default_backend() == "cpu" else x_dn
