@@ -67,5 +67,6 @@ def test_project_fp32_product_of_bf16_operands_equals_einsum_with_preferred_type
       "btd,dv->btv", a, b, preferred_element_type=jnp.float32)), argnums=(0, 1)))(x, w32)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got[1][0], np.float32), np.asarray(want[1][0], np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(got[1][0], np.float32), np.asarray(want[1][0], np.float32),
+                             rtol=1e-2, atol=1e-2)
   np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-5, atol=1e-5)

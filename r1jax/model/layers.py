@@ -83,11 +83,12 @@ def _rows_last(x_nd):
   """x^T [D, N], kept for the weight gradient x^T . dy.
 
   On CPU the transpose is made real, here in the forward pass while x is still in cache.
-  Left to itself XLA folds it into the dot, and a dot that contracts its left operand's
-  leading (row) axis runs on Eigen at ~330 GFLOP/s where YNNPACK's runs the same product
-  from x^T at ~440 (a [2048, 256]^T x [2048, 512] product on the AVX-512 machine); with
-  this the dense GRPO update took 3.5% less time (bench/NOTES.md, session 14). The barrier stops the folding. Other backends read transposed operands
-  natively, so there the transpose stays foldable."""
+  Left to itself XLA folds it into the dot (the barrier stops that), and a dot that
+  contracts its left operand's leading (row) axis runs on Eigen at ~330 GFLOP/s where
+  YNNPACK runs the same product from x^T at ~440 (a [2048, 256]^T x [2048, 512] product
+  on the AVX-512 machine); with this the dense GRPO update took 3.5% less time
+  (bench/NOTES.md, session 14). Other backends read transposed operands natively, so
+  there the transpose stays foldable."""
   x_dn = x_nd.T
   return jax.lax.optimization_barrier(x_dn) if jax.default_backend() == "cpu" else x_dn
 
